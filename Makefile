@@ -1,0 +1,35 @@
+# The two commands for a fresh machine with Python 3.11 (see README.md):
+#   make run    create .venv and run the whole study
+#   make test   create .venv and run the test suite (what CI runs, via .ci/run)
+# Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11
+
+PYTHON ?= python3.11
+VENV ?= .venv
+DATA ?=
+SNAKEMAKE_ARGS ?=
+PYTEST_ARGS ?=
+
+# Jobs call `python`, so the environment's bin directory comes first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+DATA_ARG = $(if $(DATA),--config data_source=$(abspath $(DATA)))
+
+.PHONY: setup run quick test lint clean-results
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	snakemake $(DATA_ARG) $(SNAKEMAKE_ARGS)
+
+test: setup
+	python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	snakemake --lint
+	snakefmt --check .

@@ -1,0 +1,23 @@
+# CIFAR-10 CNN study, reproduced and extended (see README.md).
+#
+#   download ─► preprocess ─► train (model × seed) ─► evaluate (model × seed) ─► report
+#   (localrule)  normalised     Keras, one job each     scikit-learn metrics      tables
+#                .npz
+#
+# Settings: config.yaml (validated against schemas/config.schema.yaml before any job).
+# Execution: profiles/ (local default, SLURM).
+import os
+
+
+# The study's settings live beside this file; --configfile presets/... and --config override them.
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.preprocess.output,

@@ -1,0 +1,100 @@
+"""Shared fixtures: a test-built CIFAR-format archive, the real mirror, workflow runners."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "workflow_scripts"
+MIRROR = Path(os.environ.get("CIFAR10_ARCHIVE", REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"))
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+BIN = Path(sys.executable).parent  # the environment the tests run in (snakemake, python)
+
+
+def require_mirror() -> Path:
+    """The real CIFAR-10 archive; tests that need it are skipped, with the reason, without it."""
+    if not MIRROR.is_file():
+        pytest.skip(f"real CIFAR-10 mirror not found at {MIRROR} (set CIFAR10_ARCHIVE to its path)")
+    return MIRROR
+
+
+def make_cifar_archive(
+    path: Path,
+    per_batch: int = 100,
+    test_size: int = 100,
+    seed: int = 0,
+    skip: tuple[str, ...] = (),
+    tamper: str | None = None,
+) -> dict[str, str]:
+    """Write a small archive in the CIFAR-10 python layout; return the md5 of each member.
+
+    Labels cycle through the ten classes so every split is balanced. ``skip`` leaves
+    members out; ``tamper`` changes one byte of a member *after* its md5 was taken.
+    """
+    rng = np.random.default_rng(seed)
+    members: dict[str, bytes] = {}
+    for i in range(1, 6):
+        labels = [(j + i) % 10 for j in range(per_batch)]
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        members[f"data_batch_{i}"] = pickle.dumps(
+            {b"batch_label": f"training batch {i} of 5".encode(), b"labels": labels, b"data": data}
+        )
+    test_labels = [j % 10 for j in range(test_size)]
+    members["test_batch"] = pickle.dumps(
+        {
+            b"batch_label": b"testing batch 1 of 1",
+            b"labels": test_labels,
+            b"data": rng.integers(0, 256, size=(test_size, 3072), dtype=np.uint8),
+        }
+    )
+    members["batches.meta"] = pickle.dumps(
+        {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    )
+    md5 = {name: hashlib.md5(blob).hexdigest() for name, blob in members.items()}
+    if tamper:
+        blob = bytearray(members[tamper])
+        blob[len(blob) // 2] ^= 0xFF
+        members[tamper] = bytes(blob)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in members.items():
+            if name in skip:
+                continue
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return md5
+
+
+@pytest.fixture(scope="session")
+def fake_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    path = tmp_path_factory.mktemp("fake") / "cifar-10-python.tar.gz"
+    return path, make_cifar_archive(path)
+
+
+def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float = 1200, env=None):
+    """Run snakemake from the test environment; return the CompletedProcess (text output)."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def copy_workdir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

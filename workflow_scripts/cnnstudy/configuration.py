@@ -1,0 +1,176 @@
+"""Load, validate and resolve the workflow configuration.
+
+The Snakefile calls :func:`load` before any job is planned, so a bad config stops the
+run with one readable line per problem. Model entries may inherit from an earlier entry
+(``base:``) and state only what changes: this is how the study's ladder stays data.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+# Keys that describe one entry and are never inherited through `base:`.
+OWN_KEYS = ("name", "base", "note", "published")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def _format_error(error: jsonschema.ValidationError, instance: dict, root: dict) -> str:
+    """One line per error: the config path (with model names) and what is wrong."""
+    parts: list[str] = []
+    node: Any = instance
+    for key in error.absolute_path:
+        if isinstance(key, int):
+            label = f"[{key}]"
+            name = node[key].get("name") if isinstance(node[key], dict) else None
+            if name:
+                label += f" ({name})"
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + str(key))
+        node = node[key]
+    where = "".join(parts) or "<top level>"
+    message = error.message
+    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
+        allowed = _allowed_properties(error.schema, root)
+        unknown = [key for key in error.instance if key not in allowed]
+        message = f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}"
+    return f"{where}: {message}"
+
+
+def _allowed_properties(schema: dict, root: dict) -> set[str]:
+    """Property names a schema accepts, following local `$ref`s and `allOf`."""
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        return _allowed_properties(root["$defs"][ref.removeprefix("#/$defs/")], root)
+    names = set(schema.get("properties", {}))
+    for sub in schema.get("allOf", []):
+        names |= _allowed_properties(sub, root)
+    return names
+
+
+def _is_echo(error: jsonschema.ValidationError, root: dict) -> bool:
+    """An unevaluatedProperties error that only repeats a known property's own failure.
+
+    A property that fails inside `allOf` does not count as evaluated, so the same mistake
+    would be reported twice, once as "unexpected". Keep only the precise error.
+    """
+    if error.validator != "unevaluatedProperties" or not isinstance(error.instance, dict):
+        return False
+    return set(error.instance) <= _allowed_properties(error.schema, root)
+
+
+def _set_defaults(validator_class):
+    """jsonschema's documented recipe: fill `default` values while validating."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, subschema in properties.items():
+                if "default" in subschema and prop not in instance:
+                    instance[prop] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate(instance: dict, schema: dict, what: str = "config", fill_defaults: bool = True) -> dict:
+    """Validate ``instance`` against ``schema``; raise ConfigError listing every problem.
+
+    With ``fill_defaults`` the instance is completed in place with the schema's defaults.
+    """
+    base = jsonschema.validators.validator_for(schema)
+    base.check_schema(schema)
+    errors = sorted(
+        (e for e in base(schema).iter_errors(instance) if not _is_echo(e, schema)),
+        key=lambda e: list(map(str, e.absolute_path)),
+    )
+    if errors:
+        lines = "\n".join(f"  - {_format_error(e, instance, schema)}" for e in errors)
+        raise ConfigError(f"invalid {what} ({len(errors)} problem(s)):\n{lines}")
+    if fill_defaults:
+        _set_defaults(base)(schema).validate(instance)
+    return instance
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Dictionaries merge recursively; lists, scalars and null replace."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
+    """Apply ``base:`` inheritance and ``model_overrides``; return {name: full entry} in order."""
+    resolved: dict[str, dict] = {}
+    problems: list[str] = []
+    for entry in config["models"]:
+        name = entry["name"]
+        if name in resolved:
+            problems.append(f"models: duplicate model name {name!r}")
+            continue
+        spec: dict = {}
+        if "base" in entry:
+            if entry["base"] not in resolved:
+                known = ", ".join(resolved) or "none"
+                problems.append(
+                    f"models ({name}): base {entry['base']!r} is not an earlier model (earlier: {known})"
+                )
+                continue
+            spec = {k: v for k, v in resolved[entry["base"]].items() if k not in OWN_KEYS}
+        spec = deep_merge(spec, {k: v for k, v in entry.items() if k != "base"})
+        if "base" in entry:
+            spec["base"] = entry["base"]
+        spec = deep_merge(spec, config.get("model_overrides") or {})
+        spec.setdefault("table", 1)
+        resolved[name] = spec
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    entry_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/resolved_model"}
+    for name, spec in resolved.items():
+        validate(spec, entry_schema, what=f"model {name} after inheritance", fill_defaults=False)
+
+    selected = config.get("run_models")
+    if selected:
+        unknown = [m for m in selected if m not in resolved]
+        if unknown:
+            raise ConfigError(
+                f"run_models: unknown model name(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(resolved)}"
+            )
+        resolved = {name: spec for name, spec in resolved.items() if name in selected}
+    return resolved
+
+
+def load(config: dict, schema_path: Path = SCHEMA_PATH) -> dict[str, dict]:
+    """Validate the whole config (filling defaults in place) and return the resolved models."""
+    schema = load_schema(schema_path)
+    validate(config, schema)
+    return resolve_models(config, schema)
+
+
+def spec_hash(spec: dict) -> str:
+    """Stable short hash of a resolved model entry (provenance, change detection)."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

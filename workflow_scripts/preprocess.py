@@ -1,0 +1,133 @@
+"""Turn the verified CIFAR-10 batches into one normalised .npz and a JSON manifest.
+
+The npz holds float32 NHWC images in [0, 1] (x_train, x_val, x_test), one-hot float32
+labels (y_*), the integer labels (labels_*) and class_names. Validation is a stratified
+split of the five training batches; the test batch is never used for model selection.
+Optional stratified subsets make quick runs and tests cheap.
+
+    python workflow_scripts/preprocess.py --raw-dir resources/cifar-10-batches-py \\
+        --out results/data/cifar10.npz --manifest results/data/cifar10.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from cnnstudy import cifar, cli
+from cnnstudy.io import atomic_path, md5sum, write_json
+
+log = logging.getLogger("cnnstudy.preprocess")
+
+
+def _stratified_subset(labels: np.ndarray, size: int | None, seed: int, split: str) -> np.ndarray:
+    """Indices of a stratified subsample of ``size`` items (all, in order, when size is None)."""
+    index = np.arange(len(labels))
+    if size is None or size == len(labels):
+        return index
+    if size > len(labels):
+        raise cli.JobError(f"subset.{split}={size} is larger than the {len(labels)} images available")
+    if size < cifar.NUM_CLASSES:
+        raise cli.JobError(f"subset.{split}={size}: need at least one image per class ({cifar.NUM_CLASSES})")
+    chosen, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    return np.sort(chosen)
+
+
+def _normalise(images: np.ndarray) -> np.ndarray:
+    out = images.astype(np.float32)
+    out /= 255.0
+    return out
+
+
+def main(
+    raw_dir: str,
+    out: str,
+    manifest: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    subset_train: int | None = None,
+    subset_val: int | None = None,
+    subset_test: int | None = None,
+) -> dict:
+    start = time.perf_counter()
+    raw = Path(raw_dir)
+    for name in cifar.MD5:
+        if not (raw / name).is_file():
+            raise FileNotFoundError(f"missing CIFAR-10 file {raw / name}: run the download rule first")
+    if not 0 < val_fraction < 1:
+        raise cli.JobError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+    parts = [cifar.read_batch(raw / name) for name in cifar.TRAIN_BATCHES]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    test_images, test_labels = cifar.read_batch(raw / cifar.TEST_BATCH)
+    class_names = cifar.read_class_names(raw / cifar.META)
+    log.info("read %d training and %d test images", len(images), len(test_images))
+
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
+    )
+    train_idx = train_idx[_stratified_subset(labels[train_idx], subset_train, seed, "train")]
+    val_idx = val_idx[_stratified_subset(labels[val_idx], subset_val, seed, "val")]
+    test_idx = _stratified_subset(test_labels, subset_test, seed, "test")
+
+    splits = {
+        "train": (images[train_idx], labels[train_idx]),
+        "val": (images[val_idx], labels[val_idx]),
+        "test": (test_images[test_idx], test_labels[test_idx]),
+    }
+    eye = np.eye(cifar.NUM_CLASSES, dtype=np.float32)
+    arrays: dict[str, np.ndarray] = {"class_names": np.array(class_names)}
+    for split, (x, y) in splits.items():
+        arrays[f"x_{split}"] = _normalise(x)
+        arrays[f"y_{split}"] = eye[y]
+        arrays[f"labels_{split}"] = y.astype(np.int64)
+
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)  # uncompressed: writing and loading stay fast
+
+    info = {
+        "file": Path(out).name,
+        "md5": md5sum(out),
+        "raw_md5": dict(cifar.MD5),
+        "val_fraction": val_fraction,
+        "split_seed": seed,
+        "subset": {"train": subset_train, "val": subset_val, "test": subset_test},
+        "class_names": class_names,
+        "counts": {split: int(len(y)) for split, (_, y) in splits.items()},
+        "class_counts": {
+            split: np.bincount(y, minlength=cifar.NUM_CLASSES).tolist() for split, (_, y) in splits.items()
+        },
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json(manifest, info)
+    log.info("wrote %s: %s (%.1f s)", out, json.dumps(info["counts"]), info["seconds"])
+    return info
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("", "none", "null") else int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw-dir", required=True, help="directory with the verified CIFAR-10 batch files")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--manifest", required=True, help="output JSON manifest (counts, md5s, split settings)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset-train", type=_optional_int, default=None)
+    p.add_argument("--subset-val", type=_optional_int, default=None)
+    p.add_argument("--subset-test", type=_optional_int, default=None)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, parser()))
