@@ -1,4 +1,5 @@
 # Configuration, validated and resolved once before any job is planned.
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,3 +24,32 @@ wildcard_constraints:
 def script(name):
     """Path of a job script, independent of the working directory."""
     return str(Path(workflow.basedir) / "workflow_scripts" / name)
+
+
+# Keys of an entry that describe it in the tables or affect only evaluation: changing
+# them must not retrain the model.
+NOT_FOR_TRAINING = ("note", "published", "table", "tta")
+TABLES = sorted({spec["table"] for spec in MODELS.values()})
+TABLE_FORMATS = ("md", "csv", "tex", "html")
+
+
+def training_spec(model):
+    """The part of a model entry that training depends on, as canonical JSON."""
+    spec = {k: v for k, v in MODELS[model].items() if k not in NOT_FOR_TRAINING}
+    return json.dumps(spec, sort_keys=True, indent=1)
+
+
+def table_info():
+    """What the tables show about each model, in config order, as canonical JSON."""
+    keys = ("table", "note", "published", "base")
+    info = {name: {k: spec.get(k) for k in keys} for name, spec in MODELS.items()}
+    return json.dumps(info, indent=1)
+
+
+def write_text(path, text, log):
+    """Body of the tiny config-to-file rules: atomic write, one log line."""
+    from cnnstudy.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
+    Path(log).write_text(f"wrote {path}\n")

@@ -98,3 +98,30 @@ def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float =
 def copy_workdir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, fake_archive) -> Path:
+    """A small preprocessed npz: real CIFAR-10 images when the mirror is there, else test-built ones."""
+    import download
+    import preprocess
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    if MIRROR.is_file():
+        download.main(str(MIRROR), str(root / "raw"))
+    else:
+        archive, md5 = fake_archive
+        download.main(str(archive), str(root / "raw"), md5=md5)
+    preprocess.main(
+        str(root / "raw"), str(root / "tiny.npz"), str(root / "tiny.json"), subset_train=400, subset_val=100, subset_test=200
+    )
+    return root / "tiny.npz"
+
+
+@pytest.fixture(scope="session")
+def ladder_specs() -> dict:
+    import yaml
+    from cnnstudy import configuration
+
+    with open(REPO / "config.yaml") as fh:
+        return configuration.load(yaml.safe_load(fh))

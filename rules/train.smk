@@ -1,0 +1,48 @@
+# Training stage: one job per model and seed.
+
+
+localrules:
+    spec,
+
+
+# Rewritten only when the training-relevant part of the entry changes (Snakemake's params
+# trigger), so a changed learning rate retrains that model and nothing else.
+rule spec:
+    output:
+        f"{RESULTS}/specs/{{model}}.json",
+    log:
+        f"{RESULTS}/logs/spec/{{model}}.log",
+    params:
+        spec=lambda wildcards: training_spec(wildcards.model),
+    run:
+        write_text(output[0], params.spec, log[0])
+
+
+rule train:
+    input:
+        data=rules.preprocess.output.npz,
+        spec=rules.spec.output[0],
+    output:
+        model=f"{RESULTS}/models/{{model}}/seed_{{seed}}/model.keras",
+        history=f"{RESULTS}/models/{{model}}/seed_{{seed}}/history.csv",
+        info=f"{RESULTS}/models/{{model}}/seed_{{seed}}/train_info.json",
+    log:
+        f"{RESULTS}/logs/train/{{model}}/seed_{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{model}}/seed_{{seed}}.tsv"
+    conda:
+        "../envs/tensorflow.yaml"
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        # Resumable state (BackupAndRestore) outside the outputs: Snakemake's cleanup of a
+        # failed or killed job's outputs must not delete it.
+        state_dir=lambda wildcards: f"{RESULTS}/train_state/{wildcards.model}/seed_{wildcards.seed}",
+        precision=config["precision"],
+        script=script("train.py"),
+    shell:
+        "python {params.script} --data {input.data:q} --spec {input.spec:q}"
+        " --model-out {output.model:q} --history-out {output.history:q} --info-out {output.info:q}"
+        " --state-dir {params.state_dir:q} --seed {wildcards.seed} --threads {threads}"
+        " --precision {params.precision} > {log} 2>&1"

@@ -1,0 +1,126 @@
+"""Training and evaluation jobs through their main() (and the CLI where a process must die)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import evaluate
+import numpy as np
+import pandas as pd
+import pytest
+import train
+from cnnstudy.cli import JobError
+
+from conftest import SCRIPTS
+
+
+def _spec(ladder_specs, name, **changes):
+    spec = copy.deepcopy(ladder_specs[name])
+    spec.update(changes)
+    return spec
+
+
+def _outputs(root):
+    return {k: str(root / f) for k, f in (("model_out", "m.keras"), ("history_out", "h.csv"), ("info_out", "i.json"))}
+
+
+def test_train_then_evaluate(tiny_data, ladder_specs, tmp_path):
+    spec = _spec(ladder_specs, "model_10", epochs=2, batch_size=64)
+    out = _outputs(tmp_path)
+    info = train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), seed=3, threads=2)
+    assert not (tmp_path / "state").exists()  # removed once the outputs are written
+    history = pd.read_csv(out["history_out"])
+    assert history["epoch"].tolist() == [1, 2]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time", "images_per_s"} <= set(history)
+    assert history["learning_rate"].iloc[0] == pytest.approx(0.001)
+    assert info["epochs_run"] == 2 and info["seed"] == 3 and info["n_train"] == 400
+    assert info["precision"] in ("float32", "mixed_bfloat16") and info["device"]["kind"] == "CPU"
+
+    metrics_out, probs_out = tmp_path / "metrics.json", tmp_path / "probs.npz"
+    result = evaluate.main(
+        str(tiny_data), str(tiny_data.with_suffix(".json")), out["model_out"], out["history_out"], out["info_out"],
+        str(metrics_out), str(probs_out),
+    )  # fmt: skip
+    saved = json.loads(metrics_out.read_text())
+    probs = np.load(probs_out)
+    assert probs["probs"].shape == (200, 10) and np.allclose(probs["probs"].sum(1), 1, atol=1e-5)
+    accuracy = float((probs["probs"].argmax(1) == probs["labels"]).mean())
+    assert saved["test"]["accuracy"] == pytest.approx(accuracy)
+    assert np.array(saved["test"]["confusion_matrix"]).sum() == 200
+    assert len(saved["test"]["per_class"]) == 10 and 0 <= saved["test"]["f1_macro"] <= 1
+    assert saved["kept_epoch"]["epoch"] in (1, 2) and saved["epochs_run"] == 2
+    assert saved["params"] == result["params"] > 0
+    prov = saved["provenance"]
+    assert prov["packages"]["tensorflow"] and prov["seed"] == 3 and prov["data"]["npz_md5"]
+    assert prov["spec_hash"] == info["spec_hash"]
+
+
+def test_nan_loss_fails_the_job_clearly(tiny_data, ladder_specs, tmp_path):
+    spec = _spec(ladder_specs, "model_01", epochs=3, optimizer={"name": "sgd", "learning_rate": 1e12})
+    out = _outputs(tmp_path)
+    with pytest.raises(JobError, match=r"model_01 seed 0: training diverged \(NaN or Inf loss .*no model was written"):
+        train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), threads=2, precision="float32")
+    assert not any(os.path.exists(path) for path in out.values())
+
+
+def _run_cli(args, log_path, wait=True):
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), *args], stdout=log, stderr=subprocess.STDOUT)
+    if wait:
+        assert proc.wait(timeout=600) == 0, open(log_path).read()
+    return proc
+
+
+def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_specs, tmp_path):
+    spec = _spec(ladder_specs, "model_03", epochs=5, batch_size=32, early_stopping=None)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = _outputs(tmp_path)
+    state = tmp_path / "state"
+    args = ["--data", str(tiny_data), "--spec", str(tmp_path / "spec.json"), "--state-dir", str(state), "--threads", "2"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in out.items()]
+
+    proc = _run_cli(args, tmp_path / "first.log", wait=False)
+    meta = state / "backup" / "training_metadata.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["epoch"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # like a scheduler's preemption: no clean-up runs
+    proc.wait()
+    saved_epoch = json.loads(meta.read_text())["epoch"]
+    assert saved_epoch == 2, "the job was not killed between epochs 2 and 3"
+    assert not os.path.exists(out["model_out"])
+
+    _run_cli(args, tmp_path / "second.log")
+    second = (tmp_path / "second.log").read_text()
+    assert "resuming after epoch 2" in second
+    assert "epoch 1/5" not in second and "epoch 2/5" not in second and "epoch 3/5" in second
+    history = pd.read_csv(out["history_out"])
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]  # every epoch exactly once
+    info = json.loads(open(out["info_out"]).read())
+    assert info["resumed_from_epoch"] == 2 and info["epochs_run"] == 5
+
+
+def test_state_of_a_different_job_is_discarded(tiny_data, ladder_specs, tmp_path):
+    spec = _spec(ladder_specs, "model_01", epochs=1)
+    state = tmp_path / "state"
+    (state / "backup").mkdir(parents=True)
+    (state / "fingerprint.json").write_text(json.dumps({"spec_hash": "something else"}))
+    (state / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 7, "batch": 0}))
+    info = train.main(str(tiny_data), spec, **_outputs(tmp_path), state_dir=str(state), threads=2)
+    assert info["resumed_from_epoch"] == 0 and info["epochs_run"] == 1
+
+
+def test_missing_data_is_named(ladder_specs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="training data not found: .*nope.npz"):
+        train.main(str(tmp_path / "nope.npz"), ladder_specs["model_01"], **_outputs(tmp_path), state_dir=str(tmp_path / "s"))

@@ -1,0 +1,84 @@
+"""The whole workflow on a tiny subset of the real CIFAR-10: every job, every file, the tables."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, require_mirror, snakemake
+from test_workflow_static import _jobs
+
+pytestmark = pytest.mark.slow
+TINY = str(REPO / "presets" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Run the tiny preset once in a scratch working directory; tests share the result."""
+    mirror = require_mirror()
+    work = tmp_path_factory.mktemp("tiny_run")
+    config = ["--config", f"data_source={mirror}"]
+    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, "--cores", "2")
+    with open(REPO / "config.yaml") as fh:
+        cfg = yaml.safe_load(fh)
+    return {"work": work, "config": config, "cfg": cfg, "log": proc.stdout + proc.stderr}
+
+
+def _ladder(cfg):
+    return [m["name"] for m in cfg["models"] if m.get("table", 1) == 1]
+
+
+def test_every_model_has_its_files(tiny_run):
+    results = tiny_run["work"] / "results" / "tiny"
+    for name in _ladder(tiny_run["cfg"]):
+        for path in (
+            f"models/{name}/seed_0/model.keras",
+            f"models/{name}/seed_0/history.csv",
+            f"models/{name}/seed_0/train_info.json",
+            f"metrics/{name}/seed_0/metrics.json",
+            f"metrics/{name}/seed_0/test_probs.npz",
+            f"logs/train/{name}/seed_0.log",
+            f"benchmarks/train/{name}/seed_0.tsv",
+            f"logs/evaluate/{name}/seed_0.log",
+        ):
+            assert (results / path).is_file(), path
+        log = (results / f"logs/train/{name}/seed_0.log").read_text()
+        assert "epoch 1/1  loss" in log  # per-epoch progress in the job's log
+    assert not (results / "train_state").exists() or not any((results / "train_state").rglob("*.json"))
+
+
+def test_table1_has_one_row_per_rung_with_values_in_range(tiny_run):
+    reports = tiny_run["work"] / "reports" / "tiny"
+    for fmt in ("md", "csv", "tex", "html"):
+        assert (reports / f"table1.{fmt}").stat().st_size > 0
+    table = pd.read_csv(reports / "table1.csv")
+    assert table["model"].tolist() == _ladder(tiny_run["cfg"])
+    for col in ("accuracy", "val_accuracy", "test_accuracy", "f1_macro"):
+        assert table[f"{col}_mean"].between(0, 1).all(), col
+    for col in ("loss", "val_loss", "test_loss", "train_seconds"):
+        assert (table[f"{col}_mean"] >= 0).all(), col
+    assert (table["epochs_run_mean"] == 1).all() and (table["n"] == 1).all()
+    assert table.loc[table["model"] == "model_10", "accuracy_study"].item() == 0.9078
+    md = (reports / "table1.md").read_text()
+    assert "| model_10 " in md and "0.9078" in md
+    assert "\\toprule" in (reports / "table1.tex").read_text()
+
+
+def test_changing_one_learning_rate_replans_only_that_model(tiny_run, tmp_path):
+    cfg = copy.deepcopy(tiny_run["cfg"])
+    model_04 = next(m for m in cfg["models"] if m["name"] == "model_04")
+    model_04["optimizer"] = {"name": "sgd", "learning_rate": 0.02}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = snakemake("-n", "--directory", str(tiny_run["work"]), "--configfile", str(changed), TINY, *tiny_run["config"])
+    assert _jobs(proc.stdout) == {"spec": 1, "train": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert set(re.findall(r"wildcards: model=(\w+)", proc.stdout)) == {"model_04"}
+
+
+def test_nothing_to_do_after_the_run(tiny_run):
+    proc = snakemake("-n", "--directory", str(tiny_run["work"]), "--configfile", TINY, *tiny_run["config"])
+    assert "Nothing to be done" in proc.stdout + proc.stderr

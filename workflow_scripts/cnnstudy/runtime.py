@@ -1,0 +1,109 @@
+"""Where and how TensorFlow runs: threads, device, precision policy, seeds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+
+log = logging.getLogger("cnnstudy.runtime")
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity, cgroup-pinned jobs), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int) -> tuple[int, int]:
+    """Give TensorFlow the job's Snakemake `threads`, never more than the CPUs it may use.
+
+    Asking for more threads than cores (``--cores 4`` on a 2-core machine) only adds
+    contention, so intra-op threads are capped; one inter-op thread is enough for a CNN's
+    sequential graph. Call before TensorFlow runs any op.
+    """
+    import tensorflow as tf
+
+    intra = max(1, min(int(threads), available_cpus()))
+    inter = 1
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return intra, inter
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """CPU model name and feature flags (Linux /proc/cpuinfo; best effort elsewhere)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    name = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                if flags and name:
+                    break
+    except OSError:
+        pass
+    return name, flags
+
+
+def setup_device() -> dict:
+    """Use the GPUs TensorFlow sees (it honours CUDA_VISIBLE_DEVICES), with memory growth.
+
+    Returns a description for logs and provenance.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    info: dict = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if gpus:
+        details = [tf.config.experimental.get_device_details(gpu) for gpu in gpus]
+        info.update(
+            kind="GPU",
+            name=details[0].get("device_name", gpus[0].name),
+            count=len(gpus),
+            compute_capability=list(details[0].get("compute_capability") or []),
+        )
+    else:
+        name, _ = cpu_info()
+        info.update(kind="CPU", name=name, count=available_cpus())
+    return info
+
+
+def resolve_precision(requested: str, device: dict, cpu_flags: set[str] | None = None) -> str:
+    """The Keras dtype policy for ``requested`` ('auto' or an explicit policy).
+
+    auto: mixed_bfloat16 on GPUs of compute capability >= 8 and on CPUs with bf16
+    instructions (AVX512-BF16, AMX); mixed_float16 (with loss scaling) on older GPUs;
+    float32 otherwise.
+    """
+    if requested != "auto":
+        return requested
+    if device.get("kind") == "GPU":
+        major = (device.get("compute_capability") or [0])[0]
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    flags = cpu_info()[1] if cpu_flags is None else cpu_flags
+    return "mixed_bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
+
+
+def set_precision(policy: str) -> None:
+    """Set the global Keras dtype policy (Keras wraps the optimizer for float16 loss scaling)."""
+    import keras
+
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy, TensorFlow and Keras' own generators (augmentation layers)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
