@@ -14,11 +14,14 @@ SEEDS = config["seeds"]
 RESULTS = config["results_dir"]
 REPORTS = config["reports_dir"]
 RAW_DIR = "resources/cifar-10-batches-py"
+WEIGHTS = config["weights_cache"]
 
 
 wildcard_constraints:
     model="|".join(MODELS),
     seed=r"\d+",
+    backbone=r"[A-Za-z0-9]+",
+    size=r"\d+",
 
 
 def script(name):
@@ -51,5 +54,35 @@ def write_text(path, text, log):
     from cnnstudy.io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n")
+        tmp.write_text(f"{text}\n")
     Path(log).write_text(f"wrote {path}\n")
+
+
+def backbone_weights(model):
+    """'none', 'imagenet' or a path: where the model's backbone starts from."""
+    backbone = MODELS[model].get("backbone")
+    return backbone.get("weights", "imagenet") if backbone else "none"
+
+
+def weights_manifest(backbone):
+    return f"{WEIGHTS}/{backbone['name']}-{backbone.get('input_size', 32)}px.json"
+
+
+def weights_input(wildcards):
+    """Train input: the fetched ImageNet manifest, a user's weights file, or nothing."""
+    weights = backbone_weights(wildcards.model)
+    if weights == "none":
+        return []
+    if weights == "imagenet":
+        return weights_manifest(MODELS[wildcards.model]["backbone"])
+    return weights
+
+
+def all_weights_manifests():
+    return sorted(
+        {
+            weights_manifest(spec["backbone"])
+            for name, spec in MODELS.items()
+            if backbone_weights(name) == "imagenet"
+        }
+    )

@@ -3,6 +3,8 @@
 
 localrules:
     spec,
+    fetch_weights,
+    weights,
 
 
 # Rewritten only when the training-relevant part of the entry changes (Snakemake's params
@@ -18,10 +20,43 @@ rule spec:
         write_text(output[0], params.spec, log[0])
 
 
+# Keras' own ImageNet file for a backbone, into the cache, on the head node: compute nodes
+# without internet then train from disk. `snakemake weights` fetches them all ahead.
+rule fetch_weights:
+    output:
+        f"{WEIGHTS}/{{backbone}}-{{size}}px.json",
+    log:
+        f"{RESULTS}/logs/fetch_weights/{{backbone}}-{{size}}px.log",
+    retries: 3
+    conda:
+        "../envs/tensorflow.yaml"
+    params:
+        cache=lambda wildcards, output: os.path.dirname(output[0]),
+        script=script("fetch_weights.py"),
+    run:
+        # Like the data source, the mirror is not a param: the file is hash-verified, so
+        # where it came from must not retrain anything.
+        mirror = (
+            f"--mirror {config['weights_mirror']}"
+            if config["weights_mirror"]
+            else ""
+        )
+        shell(
+            "python {params.script} --backbone {wildcards.backbone} --input-size {wildcards.size}"
+            " --cache {params.cache:q} --manifest {output:q} {mirror} > {log} 2>&1"
+        )
+
+
+rule weights:
+    input:
+        all_weights_manifests(),
+
+
 rule train:
     input:
         data=rules.preprocess.output.npz,
         spec=rules.spec.output[0],
+        weights=weights_input,
     output:
         model=f"{RESULTS}/models/{{model}}/seed_{{seed}}/model.keras",
         history=f"{RESULTS}/models/{{model}}/seed_{{seed}}/history.csv",
@@ -40,9 +75,14 @@ rule train:
         # failed or killed job's outputs must not delete it.
         state_dir=lambda wildcards: f"{RESULTS}/train_state/{wildcards.model}/seed_{wildcards.seed}",
         precision=config["precision"],
+        weights=lambda wildcards, input: (
+            f"--weights-manifest {input.weights}"
+            if backbone_weights(wildcards.model) == "imagenet"
+            else ""
+        ),
         script=script("train.py"),
     shell:
         "python {params.script} --data {input.data:q} --spec {input.spec:q}"
         " --model-out {output.model:q} --history-out {output.history:q} --info-out {output.info:q}"
         " --state-dir {params.state_dir:q} --seed {wildcards.seed} --threads {threads}"
-        " --precision {params.precision} > {log} 2>&1"
+        " --precision {params.precision} {params.weights} > {log} 2>&1"

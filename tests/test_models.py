@@ -117,3 +117,13 @@ def test_cosine_schedule_warms_up_then_decays(ladder):
         values.append(float(opt.learning_rate))
     assert values[0] == 0.0 and values[1] == pytest.approx(0.0005) and values[2] == pytest.approx(0.001)
     assert values[2] > values[3] > values[4] >= 0.0
+
+
+def test_batchnorm_momentum_applies_where_a_layer_sets_none(ladder):
+    spec = copy.deepcopy(ladder["model_10"])
+    spec["batchnorm_momentum"] = 0.9
+    spec["layers"] = [*spec["layers"], {"BatchNormalization": {"momentum": 0.5}}]
+    moms = [layer.momentum for layer in models.build_model(spec).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert moms == [0.9, 0.9, 0.9, 0.5]
+    default = [l.momentum for l in models.build_model(ladder["model_10"]).layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert default == [0.99, 0.99, 0.99]

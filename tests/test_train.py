@@ -86,7 +86,7 @@ def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_spec
     args += [f"--{k.replace('_', '-')}={v}" for k, v in out.items()]
 
     proc = _run_cli(args, tmp_path / "first.log", wait=False)
-    meta = state / "backup" / "training_metadata.json"
+    meta = state / "phase1" / "training_metadata.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:

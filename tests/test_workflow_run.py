@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from cnnstudy import configuration
+
 from conftest import REPO, require_mirror, snakemake
 from test_workflow_static import _jobs
 
@@ -25,16 +27,17 @@ def tiny_run(tmp_path_factory):
     proc = snakemake("--directory", str(work), "--configfile", TINY, *config, "--cores", "2")
     with open(REPO / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
-    return {"work": work, "config": config, "cfg": cfg, "log": proc.stdout + proc.stderr}
+    models = configuration.load(copy.deepcopy(cfg))
+    return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
 
 
-def _ladder(cfg):
-    return [m["name"] for m in cfg["models"] if m.get("table", 1) == 1]
+def _table(run, number):
+    return [name for name, spec in run["models"].items() if spec["table"] == number]
 
 
 def test_every_model_has_its_files(tiny_run):
     results = tiny_run["work"] / "results" / "tiny"
-    for name in _ladder(tiny_run["cfg"]):
+    for name in tiny_run["models"]:
         for path in (
             f"models/{name}/seed_0/model.keras",
             f"models/{name}/seed_0/history.csv",
@@ -47,7 +50,7 @@ def test_every_model_has_its_files(tiny_run):
         ):
             assert (results / path).is_file(), path
         log = (results / f"logs/train/{name}/seed_0.log").read_text()
-        assert "epoch 1/1  loss" in log  # per-epoch progress in the job's log
+        assert "  loss " in log and "epoch 1/" in log  # per-epoch progress in the job's log
     assert not (results / "train_state").exists() or not any((results / "train_state").rglob("*.json"))
 
 
@@ -56,7 +59,7 @@ def test_table1_has_one_row_per_rung_with_values_in_range(tiny_run):
     for fmt in ("md", "csv", "tex", "html"):
         assert (reports / f"table1.{fmt}").stat().st_size > 0
     table = pd.read_csv(reports / "table1.csv")
-    assert table["model"].tolist() == _ladder(tiny_run["cfg"])
+    assert table["model"].tolist() == _table(tiny_run, 1)
     for col in ("accuracy", "val_accuracy", "test_accuracy", "f1_macro"):
         assert table[f"{col}_mean"].between(0, 1).all(), col
     for col in ("loss", "val_loss", "test_loss", "train_seconds"):
@@ -66,6 +69,22 @@ def test_table1_has_one_row_per_rung_with_values_in_range(tiny_run):
     md = (reports / "table1.md").read_text()
     assert "| model_10 " in md and "0.9078" in md
     assert "\\toprule" in (reports / "table1.tex").read_text()
+
+
+def test_table2_has_the_transfer_models_with_the_studys_numbers(tiny_run):
+    reports = tiny_run["work"] / "reports" / "tiny"
+    table = pd.read_csv(reports / "table2.csv")
+    assert table["model"].tolist() == _table(tiny_run, 2) == ["model_12", "model_13", "model_14", "model_15", "model_16"]
+    assert table["test_accuracy_mean"].between(0, 1).all()
+    assert table.set_index("model")["epochs_run_mean"].to_dict() == {
+        "model_12": 1, "model_13": 2, "model_14": 1, "model_15": 1, "model_16": 1,
+    }  # fmt: skip  (model_13 trains in two phases)
+    assert table.set_index("model").loc["model_14", "val_accuracy_study"] == 0.43
+    for fmt in ("md", "html"):
+        assert "model_16" in (reports / f"table2.{fmt}").read_text()
+    assert "model\\_16" in (reports / "table2.tex").read_text()  # LaTeX-escaped
+    # weights: none in the tiny preset, so nothing was fetched
+    assert not (tiny_run["work"] / "resources" / "weights").exists()
 
 
 def test_changing_one_learning_rate_replans_only_that_model(tiny_run, tmp_path):

@@ -7,6 +7,10 @@ resumable state lives in ``--state-dir``, outside the job's outputs, so Snakemak
 of incomplete outputs never deletes it; it is removed once the outputs are written, and
 discarded if the entry, seed, precision or data changed since it was saved.
 
+Transfer-learning entries may have a second phase (``backbone.fine_tune``: the Keras
+guide's recipe): after the first ``epochs`` more of the backbone is unfrozen and training
+goes on at a lower rate. Each phase has its own resumable state.
+
     python workflow_scripts/train.py --data results/data/cifar10.npz --spec results/specs/model_10.json \\
         --model-out model.keras --history-out history.csv --info-out train_info.json \\
         --state-dir results/train_state/model_10/seed_0 --seed 0 --threads 2
@@ -15,7 +19,6 @@ discarded if the entry, seed, precision or data changed since it was saved.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil
@@ -31,10 +34,6 @@ from cnnstudy.io import atomic_path, read_json, write_json
 log = logging.getLogger("cnnstudy.train")
 
 
-def _load_spec(spec: str | dict) -> dict:
-    return dict(spec) if isinstance(spec, dict) else read_json(spec)
-
-
 def _fingerprint(spec: dict, seed: int, precision: str, data: Path) -> dict:
     stat = data.stat()
     return {
@@ -46,19 +45,46 @@ def _fingerprint(spec: dict, seed: int, precision: str, data: Path) -> dict:
 
 
 def _prepare_state(state_dir: Path, fingerprint: dict) -> int:
-    """Keep a previous run's state only if it belongs to the same job; return its epoch."""
+    """Keep a previous run's state only if it belongs to the same job; return its last epoch."""
     marker = state_dir / "fingerprint.json"
-    if state_dir.exists():
-        if not marker.is_file() or read_json(marker) != fingerprint:
-            log.info("discarding stale training state in %s (entry, seed, precision or data changed)", state_dir)
-            shutil.rmtree(state_dir)
+    if state_dir.exists() and (not marker.is_file() or read_json(marker) != fingerprint):
+        log.info("discarding stale training state in %s (entry, seed, precision or data changed)", state_dir)
+        shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, fingerprint)
-    meta = state_dir / "backup" / "training_metadata.json"
-    return int(read_json(meta)["epoch"]) if meta.is_file() else 0
+    epochs = [read_json(m)["epoch"] for m in state_dir.glob("phase*/training_metadata.json")]
+    epochs += [read_json(m)["end_epoch"] for m in state_dir.glob("phase*.done.json")]
+    return int(max(epochs, default=0))
 
 
-def _epoch_logger(n_train: int, epochs: int):
+def _phases(spec: dict) -> list[dict]:
+    """One spec per training phase: the entry itself, then its fine-tuning phase if any."""
+    phases = [spec]
+    fine_tune = (spec.get("backbone") or {}).get("fine_tune")
+    if fine_tune:
+        optimizer = {**spec["optimizer"], "learning_rate": fine_tune["learning_rate"]}
+        phases.append({**spec, "epochs": fine_tune["epochs"], "optimizer": optimizer, "unfreeze": fine_tune["unfreeze"]})
+    return phases
+
+
+def _backbone_weights(spec: dict, manifest: str | None) -> str | None:
+    """The weights file to load into the backbone (None: random initialisation)."""
+    backbone = spec.get("backbone")
+    if not backbone or backbone.get("weights", "imagenet") == "none":
+        return None
+    if backbone.get("weights", "imagenet") == "imagenet":
+        from cnnstudy import weights
+
+        if not manifest:
+            raise cli.JobError(f"{spec['name']}: ImageNet weights requested but no --weights-manifest given")
+        return weights.verified_path(read_json(manifest))
+    path = Path(backbone["weights"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec['name']}: backbone weights file not found: {path}")
+    return str(path)
+
+
+def _epoch_logger(n_train: int, epochs: int, phase: int):
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
@@ -77,6 +103,7 @@ def _epoch_logger(n_train: int, epochs: int):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["epoch_time"] = now - self.t0
             logs["images_per_s"] = n_train / train_s
+            logs["phase"] = phase
             log.info(
                 "epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  lr %.3g  %.1f s  %.0f img/s",
                 epoch + 1, epochs, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
@@ -97,16 +124,19 @@ def main(
     seed: int = 0,
     threads: int = 2,
     precision: str = "auto",
+    weights_manifest: str | None = None,
 ) -> dict:
     started = time.time()
-    spec = _load_spec(spec)
+    spec = dict(spec) if isinstance(spec, dict) else read_json(spec)
     name = spec.get("name", "model")
     data_path, state = Path(data), Path(state_dir)
     if not data_path.is_file():
         raise FileNotFoundError(f"training data not found: {data_path}: run the preprocess rule first")
+    weights_path = _backbone_weights(spec, weights_manifest)
 
     intra, inter = runtime.configure_threads(threads)
     import keras
+    import pandas as pd
     import tensorflow as tf
 
     from cnnstudy import models, pipeline
@@ -120,47 +150,66 @@ def main(
     with np.load(data_path) as arrays:
         x_train, y_train = arrays["x_train"], arrays["y_train"]
         x_val, y_val = arrays["x_val"], arrays["y_val"]
-    batch_size, epochs = spec["batch_size"], spec["epochs"]
-    steps = math.ceil(len(x_train) / batch_size)
+    phases = _phases(spec)
+    total_epochs = sum(p["epochs"] for p in phases)
 
     resumed_from = _prepare_state(state, _fingerprint(spec, seed, policy, data_path))
     if resumed_from:
-        log.info("resuming after epoch %d from %s", resumed_from, state / "backup")
+        log.info("resuming after epoch %d from %s", resumed_from, state)
 
-    model = models.build_model(spec, num_classes=y_train.shape[1], input_shape=x_train.shape[1:])
-    models.compile_model(model, spec, steps_per_epoch=steps, jit_compile=False)
-    early = None
-    callbacks = [_epoch_logger(len(x_train), epochs), keras.callbacks.TerminateOnNaN(raise_error=True)]
-    if spec.get("early_stopping"):
-        early = keras.callbacks.EarlyStopping(**{"monitor": "val_loss", **spec["early_stopping"]})
-        callbacks.append(early)
-    # CSVLogger before BackupAndRestore: a kill between the two repeats that epoch on resume,
-    # and the history keeps its last row per epoch, so no epoch is lost or doubled.
-    callbacks += [
-        keras.callbacks.CSVLogger(str(state / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(str(state / "backup"), delete_checkpoint=False),
-    ]
+    model = models.build_model(spec, num_classes=y_train.shape[1], input_shape=x_train.shape[1:], weights_path=weights_path)
+    train_ds = pipeline.train_dataset(x_train, y_train, spec["batch_size"], seed)
+    val_ds = pipeline.eval_dataset(x_val, y_val, spec["batch_size"])
+    steps = math.ceil(len(x_train) / spec["batch_size"])
 
-    fit_start = time.perf_counter()
-    try:
-        model.fit(
-            pipeline.train_dataset(x_train, y_train, batch_size, seed),
-            validation_data=pipeline.eval_dataset(x_val, y_val, batch_size),
-            epochs=epochs,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset reshuffles itself every epoch
-            verbose=0,
-        )
-    except RuntimeError as exc:
-        if "NaN or Inf loss" not in str(exc):
-            raise
-        raise cli.JobError(
-            f"{name} seed {seed}: training diverged ({exc}); no model was written. "
-            f"Lower the learning rate ({spec['optimizer']['learning_rate']}) or check the data."
-        ) from exc
-    fit_seconds = time.perf_counter() - fit_start
-
-    import pandas as pd
+    start, early, fit_seconds = 0, None, 0.0
+    for index, phase in enumerate(phases, start=1):
+        end = start + phase["epochs"]
+        done = state / f"phase{index}.done.json"
+        if "unfreeze" in phase:
+            models.set_backbone_trainable(model, phase["unfreeze"])
+            log.info("phase %d: backbone unfrozen (%s), learning rate %g", index, phase["unfreeze"], phase["optimizer"]["learning_rate"])  # fmt: skip
+        models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=False)
+        if done.is_file():  # finished before the job was killed: take its weights, go on
+            with np.load(state / f"phase{index}.weights.npz") as saved:
+                model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+            start = end
+            continue
+        callbacks = [_epoch_logger(len(x_train), total_epochs, index), keras.callbacks.TerminateOnNaN(raise_error=True)]
+        early = None
+        if phase.get("early_stopping"):
+            early = keras.callbacks.EarlyStopping(**{"monitor": "val_loss", **phase["early_stopping"]})
+            callbacks.append(early)
+        # CSVLogger before BackupAndRestore: a kill between the two repeats that epoch on
+        # resume, and the history keeps its last row per epoch: no epoch lost or doubled.
+        callbacks += [
+            keras.callbacks.CSVLogger(str(state / "history.csv"), append=True),
+            keras.callbacks.BackupAndRestore(str(state / f"phase{index}"), delete_checkpoint=False),
+        ]
+        fit_start = time.perf_counter()
+        try:
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=start,
+                epochs=end,
+                callbacks=callbacks,
+                shuffle=False,  # the dataset reshuffles itself every epoch
+                verbose=0,
+            )
+        except RuntimeError as exc:
+            if "NaN or Inf loss" not in str(exc):
+                raise
+            raise cli.JobError(
+                f"{name} seed {seed}: training diverged ({exc}); no model was written. "
+                f"Lower the learning rate ({phase['optimizer']['learning_rate']}) or check the data."
+            ) from exc
+        fit_seconds += time.perf_counter() - fit_start
+        if index < len(phases):
+            with atomic_path(state / f"phase{index}.weights.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, *model.get_weights())
+            write_json(done, {"end_epoch": end})
+        start = end
 
     history = pd.read_csv(state / "history.csv").drop_duplicates("epoch", keep="last").sort_values("epoch")
     history["epoch"] += 1  # 1-based, as in the logs
@@ -182,8 +231,9 @@ def main(
         "precision": policy,
         "device": device,
         "threads": {"intra_op": intra, "inter_op": inter},
-        "batch_size": batch_size,
-        "epochs_requested": epochs,
+        "backbone_weights": weights_path,
+        "batch_size": spec["batch_size"],
+        "epochs_requested": total_epochs,
         "epochs_run": len(history),
         "kept_epoch": kept,
         "stopped_early": bool(early is not None and early.stopped_epoch > 0),
@@ -191,6 +241,7 @@ def main(
         "n_train": len(x_train),
         "n_val": len(x_val),
         "params": model.count_params(),
+        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "train_seconds": float(history["epoch_time"].sum()),
         "fit_seconds_this_run": fit_seconds,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__},
@@ -214,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--weights-manifest", default=None, help="fetch_weights manifest for ImageNet backbones")
     return p
 
 

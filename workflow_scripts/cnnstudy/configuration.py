@@ -120,6 +120,19 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def apply_overrides(spec: dict, overrides: dict) -> dict:
+    """A dictionary refines the same dictionary of the entry (skipped where the entry has none);
+    any other value replaces."""
+    merged = copy.deepcopy(spec)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            if isinstance(merged.get(key), dict):
+                merged[key] = apply_overrides(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
     """Apply ``base:`` inheritance and ``model_overrides``; return {name: full entry} in order."""
     resolved: dict[str, dict] = {}
@@ -141,7 +154,7 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
         spec = deep_merge(spec, {k: v for k, v in entry.items() if k != "base"})
         if "base" in entry:
             spec["base"] = entry["base"]
-        spec = deep_merge(spec, config.get("model_overrides") or {})
+        spec = apply_overrides(spec, config.get("model_overrides") or {})
         spec.setdefault("table", 1)
         resolved[name] = spec
     if problems:

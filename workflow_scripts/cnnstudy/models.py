@@ -40,6 +40,8 @@ def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
     kwargs = dict(kwargs or {})
     if class_name == "Dropout":
         kwargs.setdefault("rate", spec.get("dropout", 0.5))
+    if class_name == "BatchNormalization" and spec.get("batchnorm_momentum") is not None:
+        kwargs.setdefault("momentum", spec["batchnorm_momentum"])
     cls = getattr(keras.layers, class_name)
     try:
         return cls(**kwargs, name=f"{class_name.lower()}_{index}")
@@ -47,16 +49,96 @@ def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
         raise ConfigError(f"model {spec.get('name')}: layer {index} {class_name}({kwargs}): {exc}") from exc
 
 
-def build_model(spec: dict, num_classes: int = 10, input_shape: tuple[int, ...] = INPUT_SHAPE) -> keras.Model:
-    """Build the (uncompiled) model that ``spec`` describes."""
+def backbone_constructor(name: str):
+    ctor = getattr(keras.applications, name, None)
+    if not callable(ctor) or not ctor.__module__.startswith("keras.src.applications."):
+        raise ConfigError(f"backbone {name!r} is not a keras.applications model (e.g. VGG16, ResNet50, InceptionV3)")
+    return ctor
+
+
+def preprocess_function(name: str):
+    """The backbone's own ``preprocess_input`` (from its keras.applications module)."""
+    module = backbone_constructor(name).__module__.rsplit(".", 1)[-1]
+    return getattr(keras.applications, module).preprocess_input
+
+
+@keras.saving.register_keras_serializable(package="cnnstudy")
+class BackbonePreprocess(keras.layers.Layer):
+    """Scales our [0, 1] images the way ``backbone`` was trained (its preprocess_input on 0-255).
+
+    Runs in float32 (set by the builder) so the mean subtraction is exact under mixed precision.
+    """
+
+    def __init__(self, backbone: str, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self._preprocess = preprocess_function(backbone)
+
+    def call(self, images):
+        return self._preprocess(images * 255.0)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+def set_backbone_trainable(model: keras.Model, trainable: str | int) -> None:
+    """frozen: only the head trains; all: everything; N: the backbone's last N layers too."""
+    base = model.get_layer("backbone")
+    count = {"frozen": 0, "all": len(base.layers)}.get(trainable, trainable)
+    base.trainable = count > 0
+    # Set every layer: Keras cascades `trainable` only when the parent's flag changes.
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= len(base.layers) - count
+
+
+def _add_backbone(x, spec: dict, weights_path: str | None):
+    settings = spec["backbone"]
+    name, size = settings["name"], settings.get("input_size", INPUT_SHAPE[0])
+    ctor = backbone_constructor(name)
+    if x.shape[1] != size or x.shape[2] != size:
+        x = keras.layers.Resizing(size, size, name="resize")(x)
+    x = BackbonePreprocess(name, dtype="float32", name="backbone_preprocess")(x)
+    try:
+        base = ctor(include_top=False, weights=None, input_shape=(size, size, 3), name="backbone")
+    except ValueError as exc:
+        raise ConfigError(f"model {spec.get('name')}: backbone {name} at {size}x{size}: {exc}") from exc
+    if weights_path is not None:
+        try:
+            base.load_weights(weights_path)
+        except Exception as exc:  # h5py, shape and format errors all mean the same to a user
+            raise ConfigError(
+                f"model {spec.get('name')}: cannot load {name} weights from {weights_path} ({type(exc).__name__}: {exc}). "
+                "Fix the path, or fetch Keras' ImageNet file with `snakemake weights`."
+            ) from exc
+    # Frozen or not, the backbone runs in inference mode so that fine-tuning never
+    # destroys its BatchNormalization statistics (Keras transfer-learning guide).
+    return base, base(x, training=False)
+
+
+def build_model(
+    spec: dict,
+    num_classes: int = 10,
+    input_shape: tuple[int, ...] = INPUT_SHAPE,
+    weights_path: str | None = None,
+) -> keras.Model:
+    """Build the (uncompiled) model that ``spec`` describes.
+
+    ``weights_path`` is the backbone's weights file, for entries with a backbone whose
+    weights are not ``none`` (the caller resolves ``imagenet`` to the fetched file).
+    """
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     for i, item in enumerate(spec.get("augmentation") or []):
         x = _layer(item, spec, i)(x)
+    if spec.get("backbone"):
+        _, x = _add_backbone(x, spec, weights_path)
     for i, item in enumerate(flatten_layers(spec["layers"])):
         x = _layer(item, spec, i)(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
-    return keras.Model(inputs, outputs, name=spec.get("name", "model"))
+    model = keras.Model(inputs, outputs, name=spec.get("name", "model"))
+    if spec.get("backbone"):
+        set_backbone_trainable(model, spec["backbone"].get("trainable", "frozen"))
+    return model
 
 
 def make_optimizer(spec: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:

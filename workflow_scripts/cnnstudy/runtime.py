@@ -30,8 +30,13 @@ def configure_threads(threads: int) -> tuple[int, int]:
 
     intra = max(1, min(int(threads), available_cpus()))
     inter = 1
-    tf.config.threading.set_intra_op_parallelism_threads(intra)
-    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # TensorFlow already running in this process (tests calling main() twice)
+        intra = tf.config.threading.get_intra_op_parallelism_threads() or available_cpus()
+        inter = tf.config.threading.get_inter_op_parallelism_threads() or 1
+        log.warning("TensorFlow already initialised: keeping intra=%d inter=%d threads", intra, inter)
     return intra, inter
 
 
