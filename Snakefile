@@ -13,6 +13,9 @@ import os
 configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
+report: "reports/captions/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
@@ -24,3 +27,4 @@ rule all:
     default_target: True
     input:
         rules.report.output,
+        rules.plots.output,

@@ -34,6 +34,11 @@ def script(name):
 NOT_FOR_TRAINING = ("note", "published", "table", "tta")
 TABLES = sorted({spec["table"] for spec in MODELS.values()})
 TABLE_FORMATS = ("md", "csv", "tex", "html")
+TABLE_TITLES = {
+    1: "Table 1: custom CNNs",
+    2: "Table 2: transfer learning",
+    3: "Table 3: the models",
+}
 
 
 def training_spec(model):
@@ -43,10 +48,8 @@ def training_spec(model):
 
 
 def table_info():
-    """What the tables show about each model, in config order, as canonical JSON."""
-    keys = ("table", "note", "published", "base")
-    info = {name: {k: spec.get(k) for k in keys} for name, spec in MODELS.items()}
-    return json.dumps(info, indent=1)
+    """The resolved entries, in config order, as JSON: what the tables and plots describe."""
+    return json.dumps(MODELS, indent=1)
 
 
 def write_text(path, text, log):
@@ -86,3 +89,12 @@ def all_weights_manifests():
             if backbone_weights(name) == "imagenet"
         }
     )
+
+
+def benchmark_files(wildcards):
+    """Benchmark TSVs of the heavy jobs, for the benchmark summary table."""
+    jobs = expand("{model}/seed_{seed}.tsv", model=MODELS, seed=SEEDS)
+    stages = expand(f"{RESULTS}/benchmarks/{{stage}}", stage=("train", "evaluate"))
+    return [f"{stage}/{job}" for stage in stages for job in jobs] + [
+        rules.preprocess.benchmark
+    ]

@@ -1,5 +1,7 @@
-# Report stage: aggregate every model's metrics into the tables. Cheap and rerun whenever
-# the report code, the metrics or the models' descriptions change; never retrains.
+# Report stage: tables and figures from the metrics. Cheap, and rerun whenever the report
+# code, the metrics or the models' descriptions change; it never retrains or re-evaluates.
+#   snakemake tables                          just the tables
+#   snakemake --report reports/report.html    the HTML report (after a run)
 
 
 localrules:
@@ -21,9 +23,33 @@ rule report:
     input:
         models=rules.model_info.output[0],
         metrics=expand(rules.evaluate.output.metrics, model=MODELS, seed=SEEDS),
+        benchmarks=benchmark_files,
         script=script("report.py"),
     output:
-        expand(f"{REPORTS}/table{{n}}.{{fmt}}", n=TABLES, fmt=TABLE_FORMATS),
+        [
+            report(
+                f"{REPORTS}/{name}.html",
+                caption=f"../reports/captions/{caption}.rst",
+                category="Tables",
+                labels={"table": label},
+            )
+            for name, caption, label in [
+                *((f"table{n}", "table", TABLE_TITLES[n]) for n in TABLES),
+                ("table3", "table3", TABLE_TITLES[3]),
+                ("provenance", "provenance", "Provenance"),
+                ("benchmarks", "benchmarks", "Benchmarks"),
+            ]
+        ],
+        expand(
+            f"{REPORTS}/{{name}}.{{fmt}}",
+            name=[
+                *(f"table{n}" for n in TABLES),
+                "table3",
+                "provenance",
+                "benchmarks",
+            ],
+            fmt=("md", "csv", "tex"),
+        ),
     log:
         f"{RESULTS}/logs/report.log",
     conda:
@@ -31,6 +57,58 @@ rule report:
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         tables=" ".join(map(str, TABLES)),
+        benchmark_root=f"{RESULTS}/benchmarks",
     shell:
         "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
+        " --benchmarks {input.benchmarks:q} --benchmark-root {params.benchmark_root:q}"
         " --outdir {params.outdir:q} --tables {params.tables} > {log} 2>&1"
+
+
+rule plots:
+    input:
+        models=rules.model_info.output[0],
+        metrics=expand(rules.evaluate.output.metrics, model=MODELS, seed=SEEDS),
+        histories=expand(rules.train.output.history, model=MODELS, seed=SEEDS),
+        script=script("plots.py"),
+    output:
+        curves=report(
+            directory(f"{RESULTS}/plots/curves"),
+            patterns=["{model}_seed{seed}.png"],
+            caption="../reports/captions/learning_curve.rst",
+            category="Learning curves",
+            labels={"model": "{model}", "seed": "{seed}"},
+        ),
+        confusion=report(
+            directory(f"{RESULTS}/plots/confusion"),
+            patterns=["{model}_seed{seed}.png"],
+            caption="../reports/captions/confusion.rst",
+            category="Confusion matrices",
+            labels={"model": "{model}", "seed": "{seed}"},
+        ),
+        overlay=report(
+            f"{RESULTS}/plots/ladder_overlay.png",
+            caption="../reports/captions/overlay.rst",
+            category="Across models",
+            labels={"figure": "Validation curves of the ladder"},
+        ),
+        f1=report(
+            f"{RESULTS}/plots/f1_heatmap.png",
+            caption="../reports/captions/f1_heatmap.rst",
+            category="Across models",
+            labels={"figure": "Per-class F1"},
+        ),
+    log:
+        f"{RESULTS}/logs/plots.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        outdir=lambda wildcards, output: os.path.dirname(output.overlay),
+    shell:
+        "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
+        " --histories {input.histories:q} --outdir {params.outdir:q} > {log} 2>&1"
+
+
+# Regenerate the tables alone (Markdown, CSV, LaTeX, HTML).
+rule tables:
+    input:
+        rules.report.output,

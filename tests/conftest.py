@@ -20,6 +20,7 @@ SCRIPTS = REPO / "workflow_scripts"
 MIRROR = Path(os.environ.get("CIFAR10_ARCHIVE", REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"))
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BIN = Path(sys.executable).parent  # the environment the tests run in (snakemake, python)
+TINY = str(REPO / "presets" / "tiny.yaml")
 
 
 def require_mirror() -> Path:
@@ -125,3 +126,21 @@ def ladder_specs() -> dict:
 
     with open(REPO / "config.yaml") as fh:
         return configuration.load(yaml.safe_load(fh))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny preset, run once in a scratch working directory; tests share the result."""
+    import copy
+
+    import yaml
+    from cnnstudy import configuration
+
+    mirror = require_mirror()
+    work = tmp_path_factory.mktemp("tiny_run")
+    config = ["--config", f"data_source={mirror}"]
+    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, "--cores", "2")
+    with open(REPO / "config.yaml") as fh:
+        cfg = yaml.safe_load(fh)
+    models = configuration.load(copy.deepcopy(cfg))
+    return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}

@@ -9,26 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from cnnstudy import configuration
-
-from conftest import REPO, require_mirror, snakemake
+from conftest import TINY, snakemake
 from test_workflow_static import _jobs
 
 pytestmark = pytest.mark.slow
-TINY = str(REPO / "presets" / "tiny.yaml")
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """Run the tiny preset once in a scratch working directory; tests share the result."""
-    mirror = require_mirror()
-    work = tmp_path_factory.mktemp("tiny_run")
-    config = ["--config", f"data_source={mirror}"]
-    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, "--cores", "2")
-    with open(REPO / "config.yaml") as fh:
-        cfg = yaml.safe_load(fh)
-    models = configuration.load(copy.deepcopy(cfg))
-    return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
 
 
 def _table(run, number):

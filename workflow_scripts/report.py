@@ -2,7 +2,9 @@
 
 Table 1 holds the custom CNNs (the study's ladder), Table 2 the transfer-learning models:
 one row per model in config order, mean ± std over seeds (n shown), and the study's
-published numbers beside ours.
+published numbers beside ours. Table 3 is the annex: what each model changes and how big
+it is, generated from the resolved config and the trained models. Provenance and the
+jobs' benchmarks are summarised too.
 
     python workflow_scripts/report.py --models results/specs/models.json \\
         --metrics results/metrics/*/seed_*/metrics.json --outdir reports
@@ -11,6 +13,7 @@ published numbers beside ours.
 from __future__ import annotations
 
 import argparse
+import collections
 import html
 import logging
 import sys
@@ -43,7 +46,9 @@ STUDY = ("accuracy", "loss", "val_accuracy", "val_loss")  # the study's columns
 TITLES = {
     1: "Table 1 - Custom CNNs (the study's ladder)",
     2: "Table 2 - Transfer learning",
+    3: "Table 3 - The models: what changes from rung to rung",
 }
+OWN_KEYS = ("name", "base", "note", "published", "table")
 FOOTNOTE = (
     "Accuracy, loss, val. accuracy and val. loss are Keras' training history at the kept epoch "
     "(the best validation loss when early stopping restores weights, else the last); train "
@@ -59,7 +64,16 @@ def per_seed(metrics_files: list[str]) -> pd.DataFrame:
     rows = []
     for path in metrics_files:
         m = read_json(path)
-        rows.append({"model": m["model"], "seed": m["seed"], **{k: get(m) for k, (_, get, _) in QUANTITIES.items()}})
+        rows.append(
+            {
+                "model": m["model"],
+                "seed": m["seed"],
+                **{k: get(m) for k, (_, get, _) in QUANTITIES.items()},
+                "params": m["params"],
+                "layers": m["layers"],
+                "provenance": m.get("provenance", {}),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -138,8 +152,155 @@ def write_table(display: pd.DataFrame, numeric: pd.DataFrame, stem: Path, title:
     return written
 
 
-def main(models: str, metrics: list[str], outdir: str, tables: list[int] = (1, 2)) -> dict[int, pd.DataFrame]:
-    """Write table<N>.{md,csv,tex,html} into ``outdir`` for every N in ``tables``."""
+# ---- Table 3: the annex ------------------------------------------------------------------
+
+
+def _flatten(spec: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in spec.items():
+        if not prefix and key in OWN_KEYS:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _layer_names(items) -> list[str]:
+    names = []
+    for item in items or []:
+        names.extend(_layer_names(item) if isinstance(item, list) else list(item))
+    return names
+
+
+def _show(key: str, value) -> str:
+    if key in ("layers", "augmentation"):
+        names = _layer_names(value)
+        return ", ".join(names) if key == "augmentation" and names else f"{len(names)} layers" if names else "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def describe_change(spec: dict, base: dict | None) -> str:
+    """What the entry changes from its `base`, computed from the resolved config."""
+    if base is None:
+        return "(first model of its line)"
+    # A setting that appears or disappears as a whole (e.g. early stopping) is one change.
+    whole = {k for k in {**base, **spec} if k not in OWN_KEYS and isinstance(base.get(k), dict) != isinstance(spec.get(k), dict)}
+    old = {**_flatten({k: v for k, v in base.items() if k not in whole}), **{k: base.get(k) for k in whole}}
+    new = {**_flatten({k: v for k, v in spec.items() if k not in whole}), **{k: spec.get(k) for k in whole}}
+    changes = []
+    for key in [k for k in {**old, **new} if old.get(k) != new.get(k)]:
+        text = f"{key}: {_show(key, old.get(key))} → {_show(key, new.get(key))}"
+        if key == "layers":
+            before, after = collections.Counter(_layer_names(old.get(key))), collections.Counter(_layer_names(new.get(key)))
+            delta = [f"+{n}×{k}" for k, n in (after - before).items()] + [f"-{n}×{k}" for k, n in (before - after).items()]
+            text += f" ({', '.join(delta) or 'same layers, new arguments'})"
+        changes.append(text)
+    return "; ".join(changes) or "(no change)"
+
+
+def table3(stats: pd.DataFrame, runs: pd.DataFrame, models: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    display, numeric = [], []
+    sizes = runs.groupby("model")[["params", "layers"]].first()
+    for name, row in stats.iterrows():
+        spec = models[name]
+        base = models.get(spec.get("base")) if spec.get("base") else None
+        opt = spec["optimizer"]
+        backbone = spec.get("backbone")
+        values = {
+            "model": name,
+            "note": spec.get("note", ""),
+            "changes": describe_change(spec, base),
+            "backbone": f"{backbone['name']} ({backbone.get('weights', 'imagenet')}, {backbone.get('trainable', 'frozen')})" if backbone else "",
+            "layers": int(sizes.loc[name, "layers"]),
+            "params": int(sizes.loc[name, "params"]),
+            "optimizer": opt["name"],
+            "learning_rate": opt["learning_rate"],
+            "batch_size": spec["batch_size"],
+            "augmentation": ", ".join(_layer_names(spec.get("augmentation"))) or "none",
+            "epochs_run_mean": row["epochs_run_mean"],
+            "epochs_run_std": row["epochs_run_std"],
+            "train_seconds_mean": row["train_seconds_mean"],
+            "train_seconds_std": row["train_seconds_std"],
+            "n": int(row["n"]),
+        }  # fmt: skip
+        numeric.append(values)
+        display.append(
+            {
+                "Model": name,
+                "Study's change": values["note"],
+                "What changed (from config)": values["changes"],
+                "Backbone": values["backbone"],
+                "Layers": values["layers"],
+                "Parameters": f"{values['params']:,}",
+                "Optimizer": values["optimizer"],
+                "Learning rate": f"{values['learning_rate']:g}",
+                "Batch size": values["batch_size"],
+                "Augmentation": values["augmentation"],
+                "Epochs": cell(row["epochs_run_mean"], row["epochs_run_std"], 1),
+                "Train time (s)": cell(row["train_seconds_mean"], row["train_seconds_std"], 0),
+                "n": values["n"],
+            }
+        )
+    return pd.DataFrame(display), pd.DataFrame(numeric)
+
+
+TABLE3_NOTE = (
+    "Layers counts Keras' model.layers (input, augmentation and output layers included; a "
+    "backbone counts as one); Parameters is model.count_params() of the trained model. "
+    "'What changed' compares each resolved entry with the entry it names as base."
+)
+
+
+# ---- provenance and benchmarks ------------------------------------------------------------
+
+
+def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, run in runs.iterrows():
+        p = run["provenance"]
+        device = p.get("device") or {}
+        rows.append(
+            {
+                "Model": run["model"],
+                "Seed": run["seed"],
+                "Device": f"{device.get('kind', '')} {device.get('name', '')}".strip(),
+                "Precision": p.get("precision"),
+                "TensorFlow": p.get("packages", {}).get("tensorflow"),
+                "Keras": p.get("packages", {}).get("keras"),
+                "NumPy": p.get("packages", {}).get("numpy"),
+                "scikit-learn": p.get("packages", {}).get("scikit-learn"),
+                "Snakemake": p.get("packages", {}).get("snakemake"),
+                "Config hash": p.get("spec_hash"),
+                "Data md5": (p.get("data") or {}).get("npz_md5"),
+                "Git commit": (p.get("git_commit") or "")[:12] + ("-dirty" if str(p.get("git_commit")).endswith("-dirty") else ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def benchmark_table(paths: list[str], root: str | None) -> pd.DataFrame:
+    """Snakemake's benchmark TSVs: wall time and peak memory per job."""
+    rows = []
+    for path in paths:
+        bench = pd.read_csv(path, sep="\t")
+        job = Path(path).relative_to(root).with_suffix("").as_posix() if root else Path(path).stem
+        rows.append({"Job": job, "Wall time (s)": round(float(bench["s"].iloc[-1]), 1), "Peak RSS (MB)": round(float(bench["max_rss"].iloc[-1]), 0)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def main(
+    models: str,
+    metrics: list[str],
+    outdir: str,
+    tables: list[int] = (1, 2),
+    benchmarks: list[str] = (),
+    benchmark_root: str | None = None,
+) -> dict[int, pd.DataFrame]:
+    """Write table<N>.{md,csv,tex,html} for every N in ``tables``, table3, provenance and benchmarks."""
     info = read_json(models)
     missing = [path for path in metrics if not Path(path).is_file()]
     if missing:
@@ -158,6 +319,14 @@ def main(models: str, metrics: list[str], outdir: str, tables: list[int] = (1, 2
         write_table(display, numeric, Path(outdir) / f"table{number}", TITLES[number], FOOTNOTE)
         log.info("table %d: %d model(s) -> %s", number, len(display), Path(outdir) / f"table{number}.*")
         result[number] = numeric
+    display, numeric = table3(stats, runs, info)
+    write_table(display, numeric, Path(outdir) / "table3", TITLES[3], TABLE3_NOTE)
+    result[3] = numeric
+    prov = provenance_table(runs)
+    write_table(prov, prov, Path(outdir) / "provenance", "Provenance of every result", "One row per model and seed, from its metrics file.")  # fmt: skip
+    bench = benchmark_table(list(benchmarks), benchmark_root)
+    write_table(bench, bench, Path(outdir) / "benchmarks", "Benchmarks: wall time and peak memory per job", "From Snakemake's benchmark: files (max_rss is the peak resident memory).")  # fmt: skip
+    log.info("table 3, provenance (%d runs) and benchmarks (%d jobs) written", len(prov), len(bench))
     return result
 
 
@@ -167,6 +336,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="*", default=[], help="metrics.json files (any number of seeds)")
     p.add_argument("--outdir", required=True)
     p.add_argument("--tables", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--benchmarks", nargs="*", default=[], help="Snakemake benchmark TSV files")
+    p.add_argument("--benchmark-root", default=None, help="directory the benchmark paths are shown relative to")
     return p
 
 

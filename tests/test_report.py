@@ -1,0 +1,165 @@
+"""The report: HTML report rendered in headless Chromium, Table 3, seeds, fast regeneration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from cnnstudy import models as _registers_custom_layers  # noqa: F401
+
+from conftest import SCRIPTS, TINY, require_mirror, snakemake
+from test_workflow_static import _jobs
+
+pytestmark = pytest.mark.slow
+
+
+def chromium() -> str:
+    """Debian's chromium, installed with apt if missing (CI machines start without it)."""
+    path = shutil.which("chromium")
+    if path:
+        return path
+    if os.geteuid() != 0:
+        pytest.fail("headless Chromium is needed: apt-get install chromium")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900, env=env, capture_output=True)
+    return shutil.which("chromium")
+
+
+def _open_item(page, report, category, row_text):
+    """Open the report, go to ``category`` and show the item in the row containing ``row_text``."""
+    page.goto(report.as_uri())
+    page.get_by_text(category, exact=True).click()
+    page.locator("tr", has_text=row_text).first.locator("a[iconname=eye]").click()
+    page.wait_for_timeout(500)
+
+
+def test_html_report_renders_tables_and_figures(tiny_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    report = tmp_path / "report.html"
+    snakemake("--directory", str(tiny_run["work"]), "--configfile", TINY, *tiny_run["config"], "--report", str(report))
+    assert report.stat().st_size > 100_000
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+
+        _open_item(page, report, "Tables", "Table 1: custom CNNs")
+        frame = next(f for f in page.frames if "table1.html" in f.url)
+        text = frame.inner_text("body")
+        assert "Table 1 - Custom CNNs" in text and "model_10" in text and "Accuracy (study)" in text
+        assert frame.locator("tr").count() == 12  # header + 11 rungs
+        page.screenshot(path=str(tmp_path / "table1.png"))
+
+        _open_item(page, report, "Tables", "Table 3: the models")
+        assert "What changed" in next(f for f in page.frames if "table3.html" in f.url).inner_text("body")
+
+        for category, row in (("Learning curves", "model_10"), ("Confusion matrices", "model_10"), ("Across models", "Per-class F1")):
+            _open_item(page, report, category, row)
+            images = page.locator("img")
+            widths = [images.nth(i).evaluate("img => img.complete ? img.naturalWidth : 0") for i in range(images.count())]
+            assert max(widths, default=0) > 300, f"{category}: no rendered image"
+            page.screenshot(path=str(tmp_path / f"{category.replace(' ', '_')}.png"))
+        browser.close()
+
+
+def test_table3_parameter_counts_are_those_of_the_saved_models(tiny_run):
+    table = pd.read_csv(tiny_run["work"] / "reports" / "tiny" / "table3.csv").set_index("model")
+    assert list(table.index) == list(tiny_run["models"])
+    for name in ("model_01", "model_07", "model_10", "model_16"):
+        model = keras.saving.load_model(tiny_run["work"] / "results" / "tiny" / "models" / name / "seed_0" / "model.keras")
+        assert table.loc[name, "params"] == model.count_params()
+        assert table.loc[name, "layers"] == len(model.layers)
+    assert table.loc["model_08", "changes"] == "batch_size: 512 → 128"
+    assert table.loc["model_09", "augmentation"] == "RandomTranslation, RandomRotation"
+    assert table.loc["model_16", "learning_rate"] == 1e-4
+
+
+def test_provenance_and_benchmarks_are_reported(tiny_run):
+    reports = tiny_run["work"] / "reports" / "tiny"
+    prov = pd.read_csv(reports / "provenance.csv")
+    assert len(prov) == len(tiny_run["models"])
+    assert prov["TensorFlow"].eq("2.21.0").all() and prov["Device"].str.startswith("CPU").all()
+    assert prov["Precision"].isin(["float32", "mixed_bfloat16"]).all() and prov["Data md5"].nunique() == 1
+    bench = pd.read_csv(reports / "benchmarks.csv")
+    assert {"train/model_10/seed_0", "evaluate/model_10/seed_0", "preprocess"} <= set(bench["Job"])
+    assert (bench["Wall time (s)"] > 0).all() and (bench["Peak RSS (MB)"] > 0).all()
+
+
+def test_a_report_only_change_replans_only_report_jobs(tiny_run):
+    """Edit the report code (Snakemake 9 compares content: a bare touch is not a change)."""
+    args = ("-n", "--directory", str(tiny_run["work"]), "--configfile", TINY, *tiny_run["config"])
+    scripts = [SCRIPTS / "report.py", SCRIPTS / "plots.py"]
+    saved = {path: (path.read_bytes(), os.stat(path)) for path in scripts}
+    try:
+        with open(scripts[0], "a") as fh:
+            fh.write("\n# a report-only change\n")
+        assert _jobs(snakemake(*args).stdout) == {"report": 1, "all": 1}
+        with open(scripts[1], "a") as fh:
+            fh.write("\n# a plot-only change\n")
+        assert _jobs(snakemake(*args).stdout) == {"report": 1, "plots": 1, "all": 1}
+    finally:
+        for path, (blob, st) in saved.items():
+            path.write_bytes(blob)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "Nothing to be done" in snakemake(*args).stdout
+
+
+@pytest.fixture(scope="session")
+def seeds_run(tmp_path_factory):
+    mirror = require_mirror()
+    work = tmp_path_factory.mktemp("seeds_run")
+    extra = work / "seeds.yaml"
+    extra.write_text(yaml.safe_dump({"seeds": [0, 1], "run_models": ["model_01", "model_10"]}))
+    snakemake("--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}", "--cores", "2")
+    return work
+
+
+def test_two_seeds_give_mean_std_and_n(seeds_run):
+    table = pd.read_csv(seeds_run / "reports" / "tiny" / "table1.csv").set_index("model")
+    assert list(table.index) == ["model_01", "model_10"] and (table["n"] == 2).all()
+    for name in table.index:
+        runs = [
+            json.loads((seeds_run / "results" / "tiny" / "metrics" / name / f"seed_{seed}" / "metrics.json").read_text())
+            for seed in (0, 1)
+        ]
+        for column, values in (
+            ("test_accuracy", [r["test"]["accuracy"] for r in runs]),
+            ("f1_macro", [r["test"]["f1_macro"] for r in runs]),
+            ("val_loss", [r["kept_epoch"]["val_loss"] for r in runs]),
+        ):
+            assert table.loc[name, f"{column}_mean"] == pytest.approx(np.mean(values))
+            assert table.loc[name, f"{column}_std"] == pytest.approx(np.std(values, ddof=1))
+    md = (seeds_run / "reports" / "tiny" / "table1.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| model_10"))
+    assert row.count("±") >= 9 and row.rstrip(" |").endswith("2")
+    # Each seed trained its own model.
+    seeds = {
+        json.loads((seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{s}" / "metrics.json").read_text())["provenance"]["seed"]
+        for s in (0, 1)
+    }
+    assert seeds == {0, 1}
+
+
+def test_the_tables_target_regenerates_the_tables_alone(seeds_run):
+    table = seeds_run / "reports" / "tiny" / "table1.md"
+    table.unlink()
+    proc = snakemake("tables", "--directory", str(seeds_run), "--configfile", TINY, str(seeds_run / "seeds.yaml"), "--cores", "2")
+    assert table.is_file()
+    jobs = _jobs(proc.stdout + proc.stderr)
+    assert jobs == {"report": 1, "tables": 1}, jobs
+
+
+def test_report_scripts_need_no_tensorflow():
+    """Regeneration stays fast: the report and plot scripts never import TensorFlow."""
+    code = "import sys, report, plots; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS, check=True)

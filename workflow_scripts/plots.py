@@ -1,0 +1,145 @@
+"""Figures for the report: learning curves, confusion matrices, the ladder overlay, per-class F1.
+
+One process draws them all (matplotlib start-up is paid once):
+
+    python workflow_scripts/plots.py --models results/specs/models.json \\
+        --metrics results/metrics/*/seed_*/metrics.json --outdir results/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cnnstudy import cli  # noqa: E402
+from cnnstudy.io import atomic_path, read_json  # noqa: E402
+
+log = logging.getLogger("cnnstudy.plots")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def learning_curve(history: pd.DataFrame, title: str, path: Path, kept_epoch: int | None = None) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), gridspec_kw={"wspace": 0.3})
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.plot(history["epoch"], history[metric], marker=".", label="train")
+        ax.plot(history["epoch"], history[f"val_{metric}"], marker=".", label="validation")
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color="grey", linestyle=":", label=f"kept epoch {kept_epoch}")
+        if "phase" in history and history["phase"].nunique() > 1:
+            ax.axvline(history.loc[history["phase"] == 2, "epoch"].min() - 0.5, color="black", alpha=0.3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def confusion(matrix: np.ndarray, class_names: list[str], title: str, path: Path) -> None:
+    """Row-normalised: each row shows how the images of one true class were classified."""
+    rows = matrix.sum(axis=1, keepdims=True)
+    norm = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(5.6, 5))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6.5, color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def overlay(histories: dict[str, pd.DataFrame], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.cm.viridis(np.linspace(0, 0.95, max(1, len(histories))))
+    for color, (name, history) in zip(colors, histories.items()):
+        axes[0].plot(history["epoch"], history["val_loss"], color=color, label=name)
+        axes[1].plot(history["epoch"], history["val_accuracy"], color=color, label=name)
+    for ax, label in zip(axes, ("validation loss", "validation accuracy")):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("Table 1 models: validation curves (first seed)")
+    _save(fig, path)
+
+
+def f1_heatmap(f1: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(f1) + 1.6))
+    image = ax.imshow(f1.values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(f1.shape[1]), f1.columns, rotation=45, ha="right")
+    ax.set_yticks(range(f1.shape[0]), f1.index)
+    for i in range(f1.shape[0]):
+        for j in range(f1.shape[1]):
+            ax.text(j, i, f"{f1.values[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if f1.values[i, j] < 0.6 else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, fraction=0.03, label="test F1")
+    ax.set_title("Per-class test F1 (mean over seeds)")
+    _save(fig, path)
+
+
+def main(models: str, metrics: list[str], histories: list[str], outdir: str) -> list[Path]:
+    info = read_json(models)
+    out = Path(outdir)
+    (out / "curves").mkdir(parents=True, exist_ok=True)
+    (out / "confusion").mkdir(parents=True, exist_ok=True)
+    by_run = {}
+    for metrics_path, history_path in zip(metrics, histories, strict=True):
+        m = read_json(metrics_path)
+        by_run[(m["model"], m["seed"])] = (m, pd.read_csv(history_path))
+    written = []
+    for (name, seed), (m, history) in by_run.items():
+        label = f"{name} (seed {seed}): {info[name].get('note', '')}"
+        path = out / "curves" / f"{name}_seed{seed}.png"
+        learning_curve(history, label, path, m["kept_epoch"]["epoch"])
+        written.append(path)
+        path = out / "confusion" / f"{name}_seed{seed}.png"
+        names = list(m["test"]["per_class"])
+        confusion(np.array(m["test"]["confusion_matrix"]), names, f"{name} (seed {seed}), test accuracy {m['test']['accuracy']:.3f}", path)  # fmt: skip
+        written.append(path)
+
+    order = [n for n in info if any(n == k[0] for k in by_run)]
+    first_seed = {n: min(s for (m, s) in by_run if m == n) for n in order}
+    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n].get("table") == 1}
+    overlay(table1, out / "ladder_overlay.png")
+    f1 = pd.DataFrame(
+        {n: np.mean([[c["f1-score"] for c in by_run[(n, s)][0]["test"]["per_class"].values()] for (m, s) in by_run if m == n], axis=0) for n in order}  # fmt: skip
+    ).T
+    f1.columns = list(next(iter(by_run.values()))[0]["test"]["per_class"])
+    f1_heatmap(f1, out / "f1_heatmap.png")
+    written += [out / "ladder_overlay.png", out / "f1_heatmap.png"]
+    log.info("wrote %d figures into %s", len(written), out)
+    return written
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", required=True, help="JSON {model: {table, note, ...}} in table order")
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files")
+    p.add_argument("--histories", nargs="+", required=True, help="history.csv files, in the same order")
+    p.add_argument("--outdir", required=True)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, parser()))
