@@ -6,10 +6,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 from cnnstudy import cifar, configuration
+from snakemake.logging import logger
 
 # Validates config.yaml (plus --config/--configfile overrides) against the schema, fills
 # defaults and resolves the ladder's `base:` inheritance: a bad config stops here.
 MODELS = configuration.load(config)
+
+# profiles/default (picked up automatically) caps `gpu` for a workstation; as a workflow
+# profile it overrides --profile settings, so on a cluster it would run one GPU job at a time.
+if workflow.non_local_exec:
+    _gpu_limit = workflow.global_resources.get("gpu")
+    _gpu_limit = getattr(_gpu_limit, "value", _gpu_limit)
+    if isinstance(_gpu_limit, int) and _gpu_limit < 2:
+        logger.warning(
+            f"resource limit gpu={_gpu_limit} (from profiles/default?): only {_gpu_limit} GPU job(s) "
+            "at a time on the cluster. Add --workflow-profile none to cluster runs."
+        )
 SEEDS = config["seeds"]
 RESULTS = config["results_dir"]
 REPORTS = config["reports_dir"]
@@ -98,3 +110,12 @@ def benchmark_files(wildcards):
     return [f"{stage}/{job}" for stage in stages for job in jobs] + [
         rules.preprocess.benchmark
     ]
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes of wall time for a training job on a cluster GPU, by model family.
+
+    Transfer models (big backbones, two phases) get more; every retry gets more again.
+    """
+    family_minutes = 180 if MODELS[wildcards.model].get("backbone") else 90
+    return family_minutes * attempt

@@ -70,6 +70,7 @@ rule train:
     threads: 8
     resources:
         gpu=1,
+        runtime=train_runtime,
     params:
         # Resumable state (BackupAndRestore) outside the outputs: Snakemake's cleanup of a
         # failed or killed job's outputs must not delete it.
