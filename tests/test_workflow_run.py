@@ -53,6 +53,8 @@ def test_table1_has_one_row_per_rung_with_values_in_range(tiny_run):
     md = (reports / "table1.md").read_text()
     assert "| model_10 " in md and "0.9078" in md
     assert "\\toprule" in (reports / "table1.tex").read_text()
+    # model_17 records test accuracy per epoch: the table gets time-to-accuracy columns
+    assert {"time_to_087_mean", "time_to_094_mean"} <= set(table) and "Time to 0.87 test acc." in md
 
 
 def test_table2_has_the_transfer_models_with_the_studys_numbers(tiny_run):

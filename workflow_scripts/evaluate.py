@@ -115,6 +115,11 @@ def main(
         "n_test": int(len(labels)),
         "provenance": provenance.collect(info, read_json(manifest), eval_threads=intra),
     }
+    if "test_accuracy" in hist:  # entries with time_to_accuracy: test accuracy after each epoch
+        result["time_to_accuracy"] = [
+            {"epoch": int(e), "train_seconds": float(s), "test_accuracy": float(a)}
+            for e, s, a in zip(hist["epoch"], hist["epoch_time"].cumsum(), hist["test_accuracy"])
+        ]
     with atomic_path(probs_out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, probs=probs.astype(np.float32), labels=labels, class_names=np.array(class_names))
     write_json(metrics_out, result)

@@ -40,7 +40,11 @@ QUANTITIES = {
     "f1_macro": ("Test macro F1", lambda m: m["test"]["f1_macro"], 4),
     "epochs_run": ("Epochs", lambda m: m["epochs_run"], 1),
     "train_seconds": ("Train time (s)", lambda m: m["train_seconds"], 0),
+    "time_to_087": ("Time to 0.87 test acc. (s)", lambda m: time_to(m, 0.87), 0),
+    "time_to_094": ("Time to 0.94 test acc. (s)", lambda m: time_to(m, 0.94), 0),
 }
+# Shown only in tables where some model has them (entries with time_to_accuracy: true).
+OPTIONAL = ("time_to_087", "time_to_094")
 STUDY = ("accuracy", "loss", "val_accuracy", "val_loss")  # the study's columns
 
 TITLES = {
@@ -55,8 +59,19 @@ FOOTNOTE = (
     "accuracy is measured with dropout and augmentation active. Our validation set is a stratified "
     "10 % of the training images; the study validated on the CIFAR-10 test set. Test columns are "
     "our untouched test set (scikit-learn). Values are mean ± standard deviation over n seeds; "
-    "the study reported single runs. '(study)' columns are the study's published numbers."
+    "the study reported single runs. '(study)' columns are the study's published numbers. "
+    "Time-to-accuracy columns (models that record test accuracy after each epoch, without TTA or "
+    "weight averaging) give the training seconds until the test accuracy first reached the "
+    "target; blank where it never did or was not recorded."
 )
+
+
+def time_to(metrics: dict, target: float) -> float:
+    """Training seconds until test accuracy (after an epoch) first reached ``target``; NaN if never."""
+    for point in metrics.get("time_to_accuracy") or []:
+        if point["test_accuracy"] >= target:
+            return point["train_seconds"]
+    return float("nan")
 
 
 def per_seed(metrics_files: list[str]) -> pd.DataFrame:
@@ -101,6 +116,8 @@ def build_table(stats: pd.DataFrame, models: dict) -> tuple[pd.DataFrame, pd.Dat
         shown = {"Model": name, "Change": models[name].get("note", "")}
         values = {"model": name, "note": models[name].get("note", ""), "n": int(row["n"])}
         for key, (label, _, digits) in QUANTITIES.items():
+            if key in OPTIONAL and not any(models[n].get("time_to_accuracy") for n in stats.index):
+                continue
             shown[label] = cell(row[f"{key}_mean"], row[f"{key}_std"], digits)
             values[f"{key}_mean"], values[f"{key}_std"] = row[f"{key}_mean"], row[f"{key}_std"]
             if key in STUDY:

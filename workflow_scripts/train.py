@@ -114,6 +114,25 @@ def _epoch_logger(n_train: int, epochs: int, phase: int):
     return EpochLogger()
 
 
+def _test_accuracy(x_test: np.ndarray, y_test: np.ndarray, batch_size: int):
+    import keras
+
+    from cnnstudy import pipeline
+
+    class TestAccuracy(keras.callbacks.Callback):
+        """Test accuracy after each epoch (current weights, no TTA), for time-to-accuracy.
+
+        Recorded only: early stopping and model selection never see it.
+        """
+
+        def on_epoch_end(self, epoch, logs=None):
+            probs = self.model.predict(pipeline.eval_dataset(x_test, None, batch_size), verbose=0)
+            logs["test_accuracy"] = float(np.mean(probs.argmax(axis=1) == y_test.argmax(axis=1)))
+            log.info("epoch %d  test_accuracy %.4f (recorded for time-to-accuracy only)", epoch + 1, logs["test_accuracy"])
+
+    return TestAccuracy()
+
+
 def main(
     data: str,
     spec: str | dict,
@@ -144,12 +163,14 @@ def main(
     device = runtime.setup_device()
     policy = runtime.resolve_precision(precision, device)
     runtime.set_precision(policy)
+    jit = runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
     runtime.seed_everything(seed)
-    log.info("%s seed %d on %s %s, %s, threads intra=%d inter=%d", name, seed, device["kind"], device["name"], policy, intra, inter)  # fmt: skip
+    log.info("%s seed %d on %s %s, %s, XLA %s, threads intra=%d inter=%d", name, seed, device["kind"], device["name"], policy, jit, intra, inter)  # fmt: skip
 
     with np.load(data_path) as arrays:
         x_train, y_train = arrays["x_train"], arrays["y_train"]
         x_val, y_val = arrays["x_val"], arrays["y_val"]
+        x_test, y_test = (arrays["x_test"], arrays["y_test"]) if spec.get("time_to_accuracy") else (None, None)
     phases = _phases(spec)
     total_epochs = sum(p["epochs"] for p in phases)
 
@@ -157,7 +178,9 @@ def main(
     if resumed_from:
         log.info("resuming after epoch %d from %s", resumed_from, state)
 
-    model = models.build_model(spec, num_classes=y_train.shape[1], input_shape=x_train.shape[1:], weights_path=weights_path)
+    model = models.build_model(
+        spec, num_classes=y_train.shape[1], input_shape=x_train.shape[1:], weights_path=weights_path, train_images=x_train
+    )
     train_ds = pipeline.train_dataset(x_train, y_train, spec["batch_size"], seed)
     val_ds = pipeline.eval_dataset(x_val, y_val, spec["batch_size"])
     steps = math.ceil(len(x_train) / spec["batch_size"])
@@ -169,13 +192,15 @@ def main(
         if "unfreeze" in phase:
             models.set_backbone_trainable(model, phase["unfreeze"])
             log.info("phase %d: backbone unfrozen (%s), learning rate %g", index, phase["unfreeze"], phase["optimizer"]["learning_rate"])  # fmt: skip
-        models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=False)
+        models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=jit)
         if done.is_file():  # finished before the job was killed: take its weights, go on
             with np.load(state / f"phase{index}.weights.npz") as saved:
                 model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
             start = end
             continue
         callbacks = [_epoch_logger(len(x_train), total_epochs, index), keras.callbacks.TerminateOnNaN(raise_error=True)]
+        if x_test is not None:  # after the epoch logger, so epoch_time excludes this evaluation
+            callbacks.append(_test_accuracy(x_test, y_test, spec["batch_size"]))
         early = None
         if phase.get("early_stopping"):
             early = keras.callbacks.EarlyStopping(**{"monitor": "val_loss", **phase["early_stopping"]})
@@ -229,6 +254,7 @@ def main(
         "spec_hash": configuration.spec_hash(spec),
         "spec": spec,
         "precision": policy,
+        "jit_compile": jit,
         "device": device,
         "threads": {"intra_op": intra, "inter_op": inter},
         "backbone_weights": weights_path,

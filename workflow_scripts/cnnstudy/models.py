@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import keras
+import numpy as np
 
 from .configuration import ConfigError
 
@@ -35,6 +36,55 @@ def flatten_layers(items: Iterable[Any]) -> list[dict]:
     return flat
 
 
+@keras.saving.register_keras_serializable(package="cnnstudy")
+class PatchWhitening(keras.layers.Layer):
+    """airbench's first layer: a frozen 'valid' convolution that whitens image patches.
+
+    Its 2 * k * k * channels filters are the eigenvectors of the training images' k x k patch
+    covariance, scaled by 1 / sqrt(eigenvalue + epsilon), and their negatives (so that a
+    following ReLU/GELU keeps both signs). ``adapt(images)`` computes them from the data,
+    as a Keras Normalization layer adapts; the bias stays trainable.
+    """
+
+    def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, samples: int = 5000, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size, self.epsilon, self.samples = int(kernel_size), float(epsilon), int(samples)
+        self.adapted = False
+
+    def build(self, input_shape):
+        k, channels = self.kernel_size, input_shape[-1]
+        self.kernel = self.add_weight(
+            shape=(k, k, channels, 2 * k * k * channels), initializer="zeros", trainable=False, name="kernel"
+        )
+        self.bias = self.add_weight(shape=(2 * k * k * channels,), initializer="zeros", name="bias")
+
+    def adapt(self, images: np.ndarray) -> None:
+        """Set the filters from (up to ``samples``) training images, NHWC in [0, 1]."""
+        k = self.kernel_size
+        images = np.asarray(images[: self.samples], dtype=np.float64)
+        patches = np.lib.stride_tricks.sliding_window_view(images, (k, k), axis=(1, 2))  # N,H',W',C,k,k
+        patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, k * k * images.shape[-1])  # (kh, kw, c) order
+        eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+        filters = eigenvectors / np.sqrt(eigenvalues + self.epsilon)  # one filter per column
+        kernel = np.concatenate([filters, -filters], axis=1).reshape(self.kernel.shape)
+        self.kernel.assign(kernel.astype("float32"))
+        self.adapted = True
+
+    def call(self, images):
+        kernel = keras.ops.cast(self.kernel, images.dtype)
+        return keras.ops.conv(images, kernel, padding="valid") + keras.ops.cast(self.bias, images.dtype)
+
+    def compute_output_shape(self, input_shape):
+        k = self.kernel_size
+        return (input_shape[0], input_shape[1] - k + 1, input_shape[2] - k + 1, 2 * k * k * input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon, "samples": self.samples}
+
+
+CUSTOM_LAYERS = {"PatchWhitening": PatchWhitening}
+
+
 def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
     (class_name, kwargs), = item.items()
     kwargs = dict(kwargs or {})
@@ -42,7 +92,7 @@ def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
         kwargs.setdefault("rate", spec.get("dropout", 0.5))
     if class_name == "BatchNormalization" and spec.get("batchnorm_momentum") is not None:
         kwargs.setdefault("momentum", spec["batchnorm_momentum"])
-    cls = getattr(keras.layers, class_name)
+    cls = CUSTOM_LAYERS.get(class_name) or getattr(keras.layers, class_name)
     try:
         return cls(**kwargs, name=f"{class_name.lower()}_{index}")
     except (TypeError, ValueError) as exc:
@@ -120,11 +170,14 @@ def build_model(
     num_classes: int = 10,
     input_shape: tuple[int, ...] = INPUT_SHAPE,
     weights_path: str | None = None,
+    train_images: np.ndarray | None = None,
 ) -> keras.Model:
     """Build the (uncompiled) model that ``spec`` describes.
 
     ``weights_path`` is the backbone's weights file, for entries with a backbone whose
     weights are not ``none`` (the caller resolves ``imagenet`` to the fetched file).
+    ``train_images`` initialise data-dependent layers (PatchWhitening); without them those
+    layers keep zero filters, which is only right when weights are loaded afterwards.
     """
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
@@ -136,6 +189,9 @@ def build_model(
         x = _layer(item, spec, i)(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     model = keras.Model(inputs, outputs, name=spec.get("name", "model"))
+    for layer in model.layers:
+        if isinstance(layer, PatchWhitening) and train_images is not None:
+            layer.adapt(train_images)
     if spec.get("backbone"):
         set_backbone_trainable(model, spec["backbone"].get("trainable", "frozen"))
     return model
