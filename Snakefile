@@ -2,7 +2,7 @@
 #
 #   download ─► preprocess ─► train (model × seed) ─► evaluate (model × seed) ─► report
 #   (localrule)  normalised     Keras, one job each     scikit-learn metrics      tables
-#                .npz
+#                .npz     └─► benchmark (on demand: reports/benchmark.md)
 #
 # Settings: config.yaml (validated against schemas/config.schema.yaml before any job).
 # Execution: profiles/ (local default, SLURM).
@@ -21,6 +21,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/benchmark.smk"
 
 
 rule all:

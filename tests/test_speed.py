@@ -1,0 +1,185 @@
+"""Speed features: precision policy, XLA choice, the tf.data pipeline, the fast rung model_17."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import evaluate
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import train
+from cnnstudy import models, pipeline, runtime
+
+from test_train import _outputs
+
+CPU = {"kind": "CPU", "name": "test CPU"}
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "expected"),
+    [
+        (CPU, {"avx512f", "avx512_bf16"}, "mixed_bfloat16"),
+        (CPU, {"amx_bf16", "avx2"}, "mixed_bfloat16"),
+        (CPU, {"avx2", "avx512f"}, "float32"),
+        ({"kind": "GPU", "compute_capability": [8, 0]}, set(), "mixed_bfloat16"),  # A100
+        ({"kind": "GPU", "compute_capability": [9, 0]}, set(), "mixed_bfloat16"),  # H100
+        ({"kind": "GPU", "compute_capability": [7, 0]}, set(), "mixed_float16"),  # V100
+        ({"kind": "GPU", "compute_capability": [6, 1]}, {"avx512_bf16"}, "mixed_float16"),  # GPU wins over CPU
+    ],
+)
+def test_auto_precision_follows_the_hardware(device, flags, expected):
+    assert runtime.resolve_precision("auto", device, cpu_flags=flags) == expected
+
+
+def test_explicit_precision_is_kept():
+    assert runtime.resolve_precision("float32", {"kind": "GPU", "compute_capability": [9, 0]}) == "float32"
+
+
+def test_auto_jit_as_measured():
+    assert runtime.resolve_jit("auto", CPU, "mixed_bfloat16") is False
+    assert runtime.resolve_jit("auto", CPU, "float32") is False
+    assert runtime.resolve_jit("auto", {"kind": "GPU"}, "mixed_float16") == "auto"  # Keras decides
+    assert runtime.resolve_jit("off", CPU, "mixed_bfloat16") is False
+    assert runtime.resolve_jit("on", CPU, "float32") is True
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_models_output_float32(ladder_specs, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        for name in ("model_10", "model_17"):
+            model = models.build_model(ladder_specs[name])
+            conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+            assert conv.compute_dtype == policy.split("_")[1]
+            out = model(np.zeros((2, 32, 32, 3), "float32"))
+            assert model.output.dtype == "float32" and out.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _batches(ds):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    return xs, ys
+
+
+def test_train_dataset_yields_the_arrays_shuffled_reproducibly():
+    rng = np.random.default_rng(0)
+    x = rng.random((100, 32, 32, 3), dtype=np.float32)
+    labels = np.arange(100) % 10
+    y = np.eye(10, dtype=np.float32)[labels]
+    xs, ys = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5))
+    assert [len(b) for b in xs] == [32, 32, 32, 4]
+    x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+    # every image exactly once, still paired with its own label
+    order = [int(np.flatnonzero((x == img).all(axis=(1, 2, 3)))[0]) for img in x_all]
+    assert sorted(order) == list(range(100)) and order != list(range(100))
+    assert np.array_equal(y_all, y[order])
+    assert x_all.dtype == np.float32 and x_all.min() >= 0 and x_all.max() <= 1
+    # the same seed gives the same order; a new epoch a different one
+    again, _ = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5))
+    assert np.array_equal(np.concatenate(again), x_all)
+    ds = pipeline.train_dataset(x, y, batch_size=100, seed=5)
+    first, second = (next(iter(ds))[0].numpy() for _ in range(2))
+    assert not np.array_equal(first, second)
+
+
+def test_eval_dataset_keeps_order():
+    x = np.random.default_rng(1).random((70, 32, 32, 3), dtype=np.float32)
+    got = np.concatenate([b.numpy() for b in pipeline.eval_dataset(x, None, batch_size=32)])
+    assert np.array_equal(got, x)
+
+
+def test_augmentation_keeps_shapes_and_ranges(ladder_specs):
+    model = models.build_model(ladder_specs["model_17"])
+    x = np.random.default_rng(2).random((16, 32, 32, 3), dtype=np.float32)
+    out = x
+    for layer in model.layers[1:3]:  # RandomFlip, RandomTranslation
+        out = layer(out, training=True)
+    out = keras.ops.convert_to_numpy(out)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not np.allclose(out, x)
+
+
+def test_patch_whitening_whitens_the_training_patches(tiny_data):
+    with np.load(tiny_data) as arrays:
+        x = arrays["x_train"]
+    layer = models.PatchWhitening(kernel_size=2, epsilon=1e-8, samples=400)
+    layer.build((None, 32, 32, 3))
+    layer.adapt(x)
+    out = keras.ops.convert_to_numpy(layer(x))
+    assert out.shape == (400, 31, 31, 24)
+    half = out[..., :12].reshape(-1, 12)  # the other 12 channels are the negatives
+    assert np.allclose(out[..., 12:], -out[..., :12], atol=1e-4)
+    assert np.allclose(np.cov(half, rowvar=False), np.eye(12), atol=0.02)
+    assert layer.bias.trainable and not layer.kernel.trainable
+
+
+def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs, tmp_path):
+    spec = copy.deepcopy(ladder_specs["model_17"])
+    # 8 steps: an EMA of momentum 0.99 would still be ~the initial weights; 0.5 follows training.
+    spec.update(epochs=2, batch_size=100)
+    spec["optimizer"] = {**spec["optimizer"], "ema_momentum": 0.5}
+    out = _outputs(tmp_path)
+    info = train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), threads=2)
+    history = pd.read_csv(out["history_out"])
+    assert history["epoch"].tolist() == [1, 2] and history["test_accuracy"].between(0, 1).all()
+    assert info["jit_compile"] is False  # auto on CPU
+
+    model = keras.saving.load_model(out["model_out"])  # PatchWhitening round-trips with its filters
+    kernel = keras.ops.convert_to_numpy(model.get_layer("patchwhitening_0").kernel)
+    assert np.abs(kernel).max() > 0.1
+
+    with np.load(tiny_data) as arrays:
+        x = arrays["x_test"]
+    plain = evaluate.predict(model, x, 100, "none")
+    flipped = evaluate.predict(model, x[:, :, ::-1], 100, "none")
+    assert np.allclose(evaluate.predict(model, x, 100, "flip"), (plain + flipped) / 2, atol=1e-5)
+    assert np.abs(plain - flipped).max() > 1e-3  # the mirror image is seen differently: TTA matters
+
+    metrics = tmp_path / "metrics.json"
+    evaluate.main(
+        str(tiny_data), str(tiny_data.with_suffix(".json")), out["model_out"], out["history_out"], out["info_out"],
+        str(metrics), str(tmp_path / "probs.npz"), tta="flip",
+    )  # fmt: skip
+    saved = json.loads(metrics.read_text())
+    assert saved["tta"] == "flip" and 0 <= saved["test"]["accuracy_without_tta"] <= 1
+    assert np.allclose(np.load(tmp_path / "probs.npz")["probs"], evaluate.predict(model, x, 100, "flip"), atol=1e-4)
+
+
+def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_specs, tmp_path):
+    import benchmark
+
+    specs = []
+    for name, batch in (("model_17", 50),):  # model_10's paths are the same code
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**ladder_specs[name], "batch_size": batch}))
+        specs.append(str(path))
+    out = tmp_path / "benchmark.md"
+    result = benchmark.main(
+        str(tiny_data), str(out), specs=specs, images=200, rounds=1, processes=1, threads=2,
+        concurrency_jobs=[1, 2],
+    )  # fmt: skip
+    rows = {row["model"]: row for row in result["models"]}
+    assert set(rows) == {"model_17"}
+    for row in rows.values():
+        for key in ("workflow img/s", "ceiling img/s", "baseline img/s", "eval img/s", "baseline eval img/s"):
+            assert row[key] > 0, key
+        assert row["pipeline/ceiling"] == pytest.approx(row["workflow img/s"] / row["ceiling img/s"])
+        assert row["workflow/baseline"] == pytest.approx(row["workflow img/s"] / row["baseline img/s"])
+    conc = result["concurrency"]
+    assert [r["concurrent jobs"] for r in conc] == [1, 2] and [r["threads per job"] for r in conc] == [4, 2]
+    assert all(r["TF intra-op threads"] <= runtime.available_cpus() for r in conc)
+    text = out.read_text()
+    assert "| model_17" in text and "pipeline/ceiling" in text and "## Concurrent training jobs" in text
+
+
+def test_benchmark_legacy_augmentation_matches_the_entry(ladder_specs):
+    import benchmark
+
+    generator = benchmark.legacy_generator(ladder_specs["model_09"])  # translation + rotation
+    assert generator.width_shift_range == 0.1 and generator.height_shift_range == 0.0
+    assert generator.rotation_range == pytest.approx(0.0417 * 360)  # 15 degrees
+    assert not generator.horizontal_flip
+    assert benchmark.legacy_generator(ladder_specs["model_01"]) is None

@@ -1,0 +1,284 @@
+"""Training and evaluation throughput on this machine, written to reports/benchmark.md.
+
+For each chosen model, on the same images:
+
+- workflow: the training job's own path (train.py): tf.data from the npz arrays (shuffle,
+  batch, prefetch), augmentation as Keras layers inside the model, the precision policy and
+  XLA setting the job would pick;
+- ceiling: the same model fed one in-memory batch over and over (no input work at all):
+  the compute-bound limit; pipeline/ceiling near 1 means the input pipeline costs nothing;
+- baseline: the study's way: float32, ``model.fit`` on numpy arrays with the same
+  augmentation done by Keras 2's ImageDataGenerator (per-image scipy transforms);
+- evaluation: ``predict`` images/s on the test images, workflow path and baseline.
+
+Then the thread budget: 1, 2 and 4 concurrent training jobs, each given the threads
+``snakemake --cores 4`` would give it (4, 2, 1), capped by the job at the CPUs it may use.
+
+    python workflow_scripts/benchmark.py --data results/data/cifar10.npz --out reports/benchmark.md \\
+        --specs results/specs/model_10.json results/specs/model_17.json
+    snakemake benchmark     # the same, as a workflow target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnnstudy import cli, runtime
+from cnnstudy.io import atomic_path
+
+log = logging.getLogger("cnnstudy.benchmark")
+HERE = Path(__file__).resolve().parent
+
+
+def _load(specs: list[str]) -> dict:
+    """Model entries from spec JSON files (results/specs/<model>.json, written by the spec rule)."""
+    from cnnstudy.io import read_json
+
+    entries = {}
+    for path in specs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model spec not found: {path}: run `snakemake {path}` first")
+        entry = read_json(path)
+        entries[entry["name"]] = entry
+    return entries
+
+
+def _epoch_rate(model, n_images: int, **fit_args) -> float:
+    """Images/s of one training epoch."""
+    start = time.perf_counter()
+    model.fit(epochs=1, verbose=0, **fit_args)
+    return n_images / (time.perf_counter() - start)
+
+
+def _predict_rate(model, n_images: int, **predict_args) -> float:
+    start = time.perf_counter()
+    model.predict(verbose=0, **predict_args)
+    return n_images / (time.perf_counter() - start)
+
+
+def _median_rate(measure, rounds: int) -> float:
+    """Median of ``rounds`` measurements after one untimed warm-up (tracing, caches, pools)."""
+    measure()
+    return float(np.median([measure() for _ in range(rounds)]))
+
+
+def legacy_generator(spec: dict):
+    """Keras 2's ImageDataGenerator with the entry's augmentation, as the study's code had it."""
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator  # removed from Keras 3's public API
+
+    settings: dict = {}
+    for item in spec.get("augmentation") or []:
+        (name, kwargs), = item.items()
+        if name == "RandomFlip":
+            settings["horizontal_flip"] = "horizontal" in kwargs.get("mode", "horizontal")
+            settings["vertical_flip"] = "vertical" in kwargs.get("mode", "horizontal")
+        elif name == "RandomTranslation":
+            settings.update(height_shift_range=kwargs["height_factor"], width_shift_range=kwargs["width_factor"])
+        elif name == "RandomRotation":
+            settings["rotation_range"] = kwargs["factor"] * 360
+        elif name == "RandomZoom":
+            settings["zoom_range"] = abs(kwargs["height_factor"])
+        if "fill_mode" in kwargs:
+            settings["fill_mode"] = kwargs["fill_mode"]
+    return ImageDataGenerator(**settings) if settings else None
+
+
+PATHS = ("workflow", "ceiling", "baseline")
+
+
+def measure_path(data: str, spec_path: str, path: str, images: int, rounds: int, threads: int, precision: str) -> dict:
+    """Training (and evaluation) images/s of one path, in this process (a fresh one per path).
+
+    workflow: the training job's tf.data pipeline, precision and XLA setting; ceiling: the same
+    model fed one in-memory batch over and over; baseline: float32, numpy arrays and Keras 2's
+    ImageDataGenerator for the entry's augmentation.
+    """
+    intra, _ = runtime.configure_threads(threads)
+    with np.load(data) as arrays:
+        x, y, x_test = arrays["x_train"][:images], arrays["y_train"][:images], arrays["x_test"]
+    import keras
+    import tensorflow as tf
+
+    from cnnstudy import models, pipeline
+
+    (spec,) = _load([spec_path]).values()
+    device = runtime.setup_device()
+    policy = "float32" if path == "baseline" else runtime.resolve_precision(precision, device)
+    jit = False if path == "baseline" else runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
+    keras.mixed_precision.set_global_policy(policy)
+    runtime.seed_everything(0)
+    batch = spec["batch_size"]
+    steps = len(x) // batch
+    x, y = x[: steps * batch], y[: steps * batch]
+    entry = {**spec, "augmentation": []} if path == "baseline" else spec  # the generator augments
+    model = models.compile_model(models.build_model(entry, train_images=x), entry, steps, jit)
+
+    if path == "workflow":
+        fit = {"x": pipeline.train_dataset(x, y, batch, seed=0), "shuffle": False}
+        predict = {"x": pipeline.eval_dataset(x_test, None, 500)}
+    elif path == "ceiling":
+        fit = {"x": tf.data.Dataset.from_tensors((tf.constant(x[:batch]), tf.constant(y[:batch]))).repeat(steps)}
+        predict = None
+    else:
+        generator = legacy_generator(spec)
+        fit = {"x": generator.flow(x, y, batch_size=batch, seed=0)} if generator else {"x": x, "y": y, "batch_size": batch}
+        predict = {"x": x_test, "batch_size": 500}
+    result = {"path": path, "precision": policy, "XLA": jit, "intra_op": intra, "batch": batch,
+              "train img/s": _median_rate(lambda: _epoch_rate(model, len(x), **fit), rounds)}  # fmt: skip
+    if predict:
+        result["eval img/s"] = _median_rate(lambda: _predict_rate(model, len(x_test), **predict), max(1, rounds // 2))
+    return result
+
+
+def _spawn(data: str, spec_path: str, path: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1):
+    """Run ``jobs`` copies of one measurement, each in a fresh process, at the same time."""
+    cmd = [sys.executable, str(HERE / "benchmark.py"), "--measure", path, "--data", data, "--specs", spec_path,
+           "--images", str(images), "--rounds", str(rounds), "--threads", str(threads), "--precision", precision]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(jobs)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise cli.JobError(f"benchmark measurement failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, processes: int) -> dict:
+    """The three paths of one model, each in ``processes`` fresh processes in turn; the best is kept.
+
+    Best of several processes, because on the 2-vCPU machine this was developed on a
+    TensorFlow process lands, at random, in a fast (~580 img/s for model_10) or a slow
+    (~400 img/s, a quarter of the CPU idle) mode for its whole life.
+    """
+    (name,) = _load([spec_path])
+    runs = {path: [] for path in PATHS}
+    for _ in range(processes):
+        for path in PATHS:
+            runs[path] += _spawn(data, spec_path, path, images, rounds, threads, precision)
+    got = {path: max(results, key=lambda r: r["train img/s"]) for path, results in runs.items()}
+    row = {
+        "model": name, "precision": got["workflow"]["precision"], "XLA": got["workflow"]["XLA"],
+        "batch size": got["workflow"]["batch"],
+        **{f"{path} img/s": got[path]["train img/s"] for path in PATHS},
+        "eval img/s": got["workflow"]["eval img/s"], "baseline eval img/s": got["baseline"]["eval img/s"],
+    }  # fmt: skip
+    row["pipeline/ceiling"] = row["workflow img/s"] / row["ceiling img/s"]
+    row["workflow/baseline"] = row["workflow img/s"] / row["baseline img/s"]
+    log.info("%s", json.dumps(row, default=str))
+    return row
+
+
+def concurrency(data: str, spec_path: str, images: int, rounds: int, cores: int, precision: str, counts=(1, 2, 4)) -> list[dict]:
+    rows = []
+    for jobs in counts:
+        threads = max(1, cores // jobs)  # what `snakemake --cores {cores}` gives each of `jobs` jobs
+        start = time.perf_counter()
+        results = _spawn(data, spec_path, "workflow", images, rounds, threads, precision, jobs=jobs)
+        per_job = [r["train img/s"] for r in results]
+        rows.append({
+            "concurrent jobs": jobs, "threads per job": threads, "TF intra-op threads": results[0]["intra_op"],
+            "img/s per job": float(np.mean(per_job)), "img/s all jobs": float(np.sum(per_job)),
+            "wall s (incl. start-up)": time.perf_counter() - start,
+        })  # fmt: skip
+        log.info("%s", rows[-1])
+    return rows
+
+
+def main(
+    data: str,
+    out: str | None = None,
+    specs: list[str] = (),
+    images: int = 4096,
+    rounds: int = 2,
+    processes: int = 2,
+    threads: int = 2,
+    precision: str = "auto",
+    concurrency_cores: int = 4,
+    concurrency_jobs: list[int] = (1, 2, 4),
+    measure: str | None = None,
+) -> dict:
+    import pandas as pd
+
+    if measure:  # one measurement, in its own process (see _spawn)
+        result = measure_path(data, specs[0], measure, images, rounds, threads, precision)
+        print(json.dumps(result), flush=True)
+        return result
+    if not out:
+        raise cli.JobError("--out is required")
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"benchmark data not found: {data}: run the preprocess rule first")
+    if not specs:
+        raise cli.JobError("no --specs given: name the models' spec files (results/specs/<model>.json)")
+    names = list(_load(specs))
+    intra = min(threads, runtime.available_cpus())
+    rows = [measure_model(data, path, images, rounds, threads, precision, processes) for path in specs]
+    conc = concurrency(data, specs[0], images, rounds, concurrency_cores, precision, concurrency_jobs)
+    concurrency_model = names[0]
+    import tensorflow as tf
+
+    device = runtime.setup_device()
+    with np.load(data) as arrays:
+        n_test = len(arrays["x_test"])
+    table = pd.DataFrame(rows)[
+        ["model", "precision", "XLA", "batch size", "workflow img/s", "ceiling img/s", "pipeline/ceiling",
+         "baseline img/s", "workflow/baseline", "eval img/s", "baseline eval img/s"]
+    ]  # fmt: skip
+    text = "\n".join([
+        "# Throughput benchmark",
+        "",
+        f"Generated by `workflow_scripts/benchmark.py` on {time.strftime('%Y-%m-%d %H:%M')}: {device['kind']} "
+        f"{device['name']} ({runtime.available_cpus()} CPUs usable, TensorFlow {tf.__version__}, "
+        f"{intra} intra-op threads), {images} training images. Each path runs in {processes} fresh "
+        f"processes in turn; a process reports the median of {rounds} epochs after an untimed warm-up "
+        "epoch, and the best process is kept (on a small VM a TensorFlow process can land in a slow mode "
+        "for its whole life). Concurrent jobs: one process each, as in a real run.",
+        "",
+        "Training images/s: *workflow* is the training job's own path (tf.data, in-model augmentation, "
+        "the precision the job picks); *ceiling* feeds the same model one in-memory batch (no input work); "
+        "*baseline* is the study's way (float32, `model.fit` on numpy with Keras 2's ImageDataGenerator "
+        "augmentation). Goals: pipeline/ceiling >= 0.95, workflow/baseline >= 2. Evaluation: `predict` "
+        f"on the {n_test} test images.",
+        "",
+        table.to_markdown(index=False, floatfmt=".2f"),
+        "",
+        f"## Concurrent training jobs ({concurrency_model}, workflow path, {images} images each)",
+        "",
+        f"Jobs given the threads `snakemake --cores {concurrency_cores}` would give them; each job caps "
+        "TensorFlow's intra-op threads at the CPUs it may use.",
+        "",
+        pd.DataFrame(conc).to_markdown(index=False, floatfmt=".1f"),
+        "",
+    ])  # fmt: skip
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(text)
+    log.info("wrote %s\n%s", out, text)
+    return {"models": rows, "concurrency": conc}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="preprocessed .npz")
+    p.add_argument("--out", help="markdown file to write (e.g. reports/benchmark.md)")
+    p.add_argument("--specs", nargs="+", required=True, help="model spec JSONs; the first also runs the concurrency test")
+    p.add_argument("--images", type=int, default=4096, help="training images per epoch measured")
+    p.add_argument("--rounds", type=int, default=2, help="epochs measured per process (median reported)")
+    p.add_argument("--processes", type=int, default=2, help="fresh processes per path (best kept)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--concurrency-cores", type=int, default=4)
+    p.add_argument("--concurrency-jobs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--measure", choices=PATHS, help=argparse.SUPPRESS)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, parser()))
