@@ -144,3 +144,18 @@ def tiny_run(tmp_path_factory):
         cfg = yaml.safe_load(fh)
     models = configuration.load(copy.deepcopy(cfg))
     return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
+
+
+def wait_for_epoch(metadata, epoch: int, proc, timeout: float) -> None:
+    """Poll BackupAndRestore's training_metadata.json until ``epoch`` is saved (or proc ends)."""
+    import json
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(metadata.read_text())["epoch"] >= epoch:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, REPO, TINY, require_mirror, snakemake
+from conftest import BIN, REPO, TINY, require_mirror, snakemake, wait_for_epoch
 from slurm_cluster import ACCOUNT, PARTITION, Cluster, install
 from test_workflow_static import _jobs
 
@@ -75,14 +75,7 @@ def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path):
     first = subprocess.Popen([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args],
                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
     meta = tmp_path / "results/tiny/train_state/model_03/seed_0/phase1/training_metadata.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and first.poll() is None:
-        try:
-            if json.loads(meta.read_text())["epoch"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
+    wait_for_epoch(meta, 2, first, timeout=600)
     os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its job, no clean-up
     first.wait()
     assert json.loads(meta.read_text())["epoch"] == 2, (tmp_path / "first.out").read_text()[-3000:]

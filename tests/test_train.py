@@ -17,7 +17,7 @@ import pytest
 import train
 from cnnstudy.cli import JobError
 
-from conftest import SCRIPTS
+from conftest import SCRIPTS, wait_for_epoch
 
 
 def _spec(ladder_specs, name, **changes):
@@ -87,14 +87,7 @@ def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_spec
 
     proc = _run_cli(args, tmp_path / "first.log", wait=False)
     meta = state / "phase1" / "training_metadata.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["epoch"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
+    wait_for_epoch(meta, 2, proc, timeout=300)
     os.kill(proc.pid, signal.SIGKILL)  # like a scheduler's preemption: no clean-up runs
     proc.wait()
     saved_epoch = json.loads(meta.read_text())["epoch"]

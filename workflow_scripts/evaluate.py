@@ -27,12 +27,19 @@ from cnnstudy.io import atomic_path, read_json, write_json
 log = logging.getLogger("cnnstudy.evaluate")
 
 
+def predict_views(model, x: np.ndarray, batch_size: int, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities with TTA, probabilities of the plain images): one pass per view."""
+    plain = model.predict(x, batch_size=batch_size, verbose=0).astype(np.float64)
+    probs = plain.copy()
+    if tta == "flip":  # the mean over the image and its mirror image
+        probs += model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0)
+    # float32 softmax rows, renormalised in float64
+    return probs / probs.sum(axis=1, keepdims=True), plain / plain.sum(axis=1, keepdims=True)
+
+
 def predict(model, x: np.ndarray, batch_size: int, tta: str = "none") -> np.ndarray:
     """Class probabilities; with tta='flip' the mean over the image and its mirror image."""
-    probs = model.predict(x, batch_size=batch_size, verbose=0).astype(np.float64)
-    if tta == "flip":
-        probs += model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0)
-    return probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rows, renormalised in float64
+    return predict_views(model, x, batch_size, tta)[0]
 
 
 def history_row(history, epoch: int) -> dict:
@@ -88,11 +95,10 @@ def main(
         class_names = [str(c) for c in arrays["class_names"]]
 
     start = time.perf_counter()
-    probs = predict(net, x_test, batch_size, tta)
+    probs, plain = predict_views(net, x_test, batch_size, tta)
     seconds = time.perf_counter() - start
     test = classification_metrics(labels, probs, class_names)
     if tta != "none":
-        plain = predict(net, x_test, batch_size, "none")
         test["accuracy_without_tta"] = skm.accuracy_score(labels, plain.argmax(axis=1))
 
     hist = pd.read_csv(history)

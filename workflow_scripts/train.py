@@ -119,6 +119,8 @@ def _test_accuracy(x_test: np.ndarray, y_test: np.ndarray, batch_size: int):
 
     from cnnstudy import pipeline
 
+    test_ds, labels = pipeline.eval_dataset(x_test, None, batch_size), y_test.argmax(axis=1)
+
     class TestAccuracy(keras.callbacks.Callback):
         """Test accuracy after each epoch (current weights, no TTA), for time-to-accuracy.
 
@@ -126,8 +128,8 @@ def _test_accuracy(x_test: np.ndarray, y_test: np.ndarray, batch_size: int):
         """
 
         def on_epoch_end(self, epoch, logs=None):
-            probs = self.model.predict(pipeline.eval_dataset(x_test, None, batch_size), verbose=0)
-            logs["test_accuracy"] = float(np.mean(probs.argmax(axis=1) == y_test.argmax(axis=1)))
+            probs = self.model.predict(test_ds, verbose=0)
+            logs["test_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels))
             log.info("epoch %d  test_accuracy %.4f (recorded for time-to-accuracy only)", epoch + 1, logs["test_accuracy"])
 
     return TestAccuracy()
