@@ -113,12 +113,68 @@ def test_patch_whitening_whitens_the_training_patches(tiny_data):
     half = out[..., :12].reshape(-1, 12)  # the other 12 channels are the negatives
     assert np.allclose(out[..., 12:], -out[..., :12], atol=1e-4)
     assert np.allclose(np.cov(half, rowvar=False), np.eye(12), atol=0.02)
+    assert np.abs(half.mean(axis=0)).max() < 0.01  # centred by the bias, as on normalised inputs
     assert layer.bias.trainable and not layer.kernel.trainable
+
+
+def test_bias_learns_lr_multiplier_times_faster():
+    x, y = np.zeros((4, 3), "float32"), np.ones((4, 3), "float32")
+    moved = {}
+    for multiplier in (1.0, 64.0):
+        layer = models.Bias(lr_multiplier=multiplier)
+        model = keras.Sequential([keras.Input((3,)), layer])
+        model.compile(optimizer=keras.optimizers.SGD(0.001), loss="mse")
+        model.train_on_batch(x, y)
+        moved[multiplier] = keras.ops.convert_to_numpy(model(x))[0]  # = the bias in use
+    # Mean squared error of 0 vs 1 over 4 x 3 values: gradient -2/3 per channel, so one plain
+    # SGD step moves the bias by lr * 2/3, and 64 times as far with the multiplier.
+    assert np.allclose(moved[1.0], 0.001 * 2 / 3, rtol=1e-4) and np.allclose(moved[64.0], 64 * 0.001 * 2 / 3, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("channels_in", "channels_out"), [(3, 8), (8, 8), (8, 4)])
+def test_dirac_convolutions_start_by_passing_their_inputs_through(channels_in, channels_out):
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(channels_out, 3, padding="same", use_bias=False, kernel_initializer=models.Dirac())
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, channels_in)).astype("float32")
+    out = keras.ops.convert_to_numpy(conv(x))
+    n = min(channels_in, channels_out)
+    assert np.allclose(out[..., :n], x[..., :n], atol=1e-6)  # identity filters
+    if channels_out > n:  # the rest keep PyTorch's uniform(+-1/sqrt(fan in)) init
+        rest = keras.ops.convert_to_numpy(conv.kernel)[..., n:]
+        assert 0 < np.abs(rest).max() <= 1 / np.sqrt(9 * channels_in)
+
+
+def test_linear_schedule_is_airbench_triangle(ladder_specs):
+    spec = copy.deepcopy(ladder_specs["model_17"])
+    spec.update(epochs=10, schedule={"name": "linear", "warmup_epochs": 2, "warmup_start": 0.2, "alpha": 0.1})
+    spec["optimizer"]["learning_rate"] = 1.0
+    opt = models.make_optimizer(spec, steps_per_epoch=10)
+    values = []
+    for step in (0, 10, 20, 60, 100):
+        opt.iterations.assign(step)
+        values.append(float(opt.learning_rate))
+    assert values == pytest.approx([0.2, 0.6, 1.0, 0.55, 0.1])
+
+
+def test_model_17_head_is_bias_free_with_scaled_logits(ladder_specs):
+    model = models.build_model(ladder_specs["model_17"])
+    assert not model.get_layer("logits").use_bias
+    assert model.get_layer("logit_scale").scale == pytest.approx(1 / 9, rel=1e-5)
+    probs = keras.ops.convert_to_numpy(model(np.zeros((2, 32, 32, 3), "float32")))
+    assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_translated_tta_views_move_the_image_one_pixel():
+    x = np.arange(2 * 4 * 4 * 1, dtype="float32").reshape(2, 4, 4, 1)
+    down_right = evaluate._crop(x, 1, 1)
+    assert np.array_equal(down_right[:, 1:, 1:], x[:, :-1, :-1])
+    assert np.array_equal(down_right[:, 0, 1:], x[:, 1, :-1])  # reflected border row
+    assert np.array_equal(evaluate._crop(x, -1, -1)[:, :-1, :-1], x[:, 1:, 1:])
 
 
 def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs, tmp_path):
     spec = copy.deepcopy(ladder_specs["model_17"])
-    # 8 steps: an EMA of momentum 0.99 would still be ~the initial weights; 0.5 follows training.
+    # 8 steps: an EMA of momentum 0.9 would still be near the initial weights; 0.5 follows training.
     spec.update(epochs=2, batch_size=100)
     spec["optimizer"] = {**spec["optimizer"], "ema_momentum": 0.5}
     out = _outputs(tmp_path)
@@ -137,15 +193,18 @@ def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs
     flipped = evaluate.predict(model, x[:, :, ::-1], 100, "none")
     assert np.allclose(evaluate.predict(model, x, 100, "flip"), (plain + flipped) / 2, atol=1e-5)
     assert np.abs(plain - flipped).max() > 1e-3  # the mirror image is seen differently: TTA matters
+    pairs = [evaluate.predict(model, evaluate._crop(x, d, d), 100, "flip") for d in (1, -1)]
+    expected = (plain + flipped) / 4 + (pairs[0] + pairs[1]) / 4
+    assert np.allclose(evaluate.predict(model, x, 100, "flip_translate"), expected, atol=1e-5)
 
     metrics = tmp_path / "metrics.json"
     evaluate.main(
         str(tiny_data), str(tiny_data.with_suffix(".json")), out["model_out"], out["history_out"], out["info_out"],
-        str(metrics), str(tmp_path / "probs.npz"), tta="flip",
+        str(metrics), str(tmp_path / "probs.npz"), tta="flip_translate",
     )  # fmt: skip
     saved = json.loads(metrics.read_text())
-    assert saved["tta"] == "flip" and 0 <= saved["test"]["accuracy_without_tta"] <= 1
-    assert np.allclose(np.load(tmp_path / "probs.npz")["probs"], evaluate.predict(model, x, 100, "flip"), atol=1e-4)
+    assert saved["tta"] == "flip_translate" and 0 <= saved["test"]["accuracy_without_tta"] <= 1
+    assert np.allclose(np.load(tmp_path / "probs.npz")["probs"], expected, atol=1e-4)
 
 
 def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_specs, tmp_path):

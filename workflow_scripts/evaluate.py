@@ -27,18 +27,40 @@ from cnnstudy.io import atomic_path, read_json, write_json
 log = logging.getLogger("cnnstudy.evaluate")
 
 
+TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per test image
+
+
+def _crop(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The images moved by (dy, dx) pixels, |d| <= 1, the border filled by reflection."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    height, width = x.shape[1:3]
+    return padded[:, 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
+
+
 def predict_views(model, x: np.ndarray, batch_size: int, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities with TTA, probabilities of the plain images): one pass per view."""
-    plain = model.predict(x, batch_size=batch_size, verbose=0).astype(np.float64)
-    probs = plain.copy()
-    if tta == "flip":  # the mean over the image and its mirror image
-        probs += model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0)
+    """(probabilities with TTA, probabilities of the plain images): one pass per view.
+
+    flip: the mean over the image and its mirror image. flip_translate (airbench's level 2):
+    half that, plus a quarter each of the same pair for the image moved one pixel down-right
+    and one pixel up-left.
+    """
+
+    def run(images):
+        return model.predict(images, batch_size=batch_size, verbose=0).astype(np.float64)
+
+    def with_mirror(images, plain=None):
+        return ((run(images) if plain is None else plain) + run(images[:, :, ::-1, :])) / 2
+
+    plain = run(x)
+    probs = plain if tta == "none" else with_mirror(x, plain)
+    if tta == "flip_translate":
+        probs = probs / 2 + (with_mirror(_crop(x, 1, 1)) + with_mirror(_crop(x, -1, -1))) / 4
     # float32 softmax rows, renormalised in float64
     return probs / probs.sum(axis=1, keepdims=True), plain / plain.sum(axis=1, keepdims=True)
 
 
 def predict(model, x: np.ndarray, batch_size: int, tta: str = "none") -> np.ndarray:
-    """Class probabilities; with tta='flip' the mean over the image and its mirror image."""
+    """Class probabilities, averaged over the test-time augmentation views (see predict_views)."""
     return predict_views(model, x, batch_size, tta)[0]
 
 
@@ -117,7 +139,7 @@ def main(
         "params": net.count_params(),
         "layers": len(net.layers),
         "tta": tta,
-        "eval_images_per_s": len(x_test) * (2 if tta == "flip" else 1) / seconds,
+        "eval_images_per_s": len(x_test) * TTA_VIEWS[tta] / seconds,
         "n_test": int(len(labels)),
         "provenance": provenance.collect(info, read_json(manifest), eval_threads=intra),
     }
@@ -141,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("data", "manifest", "model", "history", "train-info", "metrics-out", "probs-out"):
         p.add_argument(f"--{name}", required=True)
-    p.add_argument("--tta", default="none", choices=["none", "flip"])
+    p.add_argument("--tta", default="none", choices=sorted(TTA_VIEWS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=500)
     return p

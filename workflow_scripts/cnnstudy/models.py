@@ -3,12 +3,19 @@
 An entry's ``layers`` list maps one to one onto ``keras.layers`` classes; ``augmentation``
 adds Keras preprocessing layers (active only in training) in front; a ``backbone`` inserts a
 ``keras.applications`` model. The Dense(num_classes, softmax) output is always added here, in
-float32 so that mixed precision never computes the softmax in 16 bits.
+float32 so that mixed precision never computes the softmax in 16 bits; an entry's ``output``
+may drop its bias and scale its logits (airbench's head).
+
+The few pieces Keras lacks for the airbench-style rung are here as registered (saveable)
+Keras objects: PatchWhitening, Bias (a bias with its own learning-rate multiplier), the
+Dirac conv initialiser and the WarmupLinearDecay ("triangle") schedule.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
+
+import math
 
 import keras
 import numpy as np
@@ -43,7 +50,9 @@ class PatchWhitening(keras.layers.Layer):
     Its 2 * k * k * channels filters are the eigenvectors of the training images' k x k patch
     covariance, scaled by 1 / sqrt(eigenvalue + epsilon), and their negatives (so that a
     following ReLU/GELU keeps both signs). ``adapt(images)`` computes them from the data,
-    as a Keras Normalization layer adapts; the bias stays trainable.
+    as a Keras Normalization layer adapts. The bias starts at minus the filters' response to
+    the mean patch, so the outputs start centred (airbench normalises its inputs first); it
+    stays trainable.
     """
 
     def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, samples: int = 5000, **kwargs):
@@ -66,8 +75,9 @@ class PatchWhitening(keras.layers.Layer):
         patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, k * k * images.shape[-1])  # (kh, kw, c) order
         eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
         filters = eigenvectors / np.sqrt(eigenvalues + self.epsilon)  # one filter per column
-        kernel = np.concatenate([filters, -filters], axis=1).reshape(self.kernel.shape)
-        self.kernel.assign(kernel.astype("float32"))
+        filters = np.concatenate([filters, -filters], axis=1)
+        self.kernel.assign(filters.reshape(self.kernel.shape).astype("float32"))
+        self.bias.assign((-patches.mean(axis=0) @ filters).astype("float32"))
         self.adapted = True
 
     def call(self, images):
@@ -82,7 +92,76 @@ class PatchWhitening(keras.layers.Layer):
         return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon, "samples": self.samples}
 
 
-CUSTOM_LAYERS = {"PatchWhitening": PatchWhitening}
+@keras.saving.register_keras_serializable(package="cnnstudy")
+class Bias(keras.layers.Layer):
+    """Adds a per-channel bias that learns ``lr_multiplier`` times faster than the other weights.
+
+    Keras optimizers have one learning rate for all variables; airbench trains BatchNorm
+    biases 64x faster. The variable holds bias / sqrt(m) and the layer adds it times
+    sqrt(m): gradient and step both scale by sqrt(m), so the bias moves m times as far
+    under (momentum) SGD, while decoupled weight decay shrinks it at the usual rate.
+    Use it after BatchNormalization(center=False).
+    """
+
+    def __init__(self, lr_multiplier: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.lr_multiplier = float(lr_multiplier)
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, inputs):
+        return inputs + keras.ops.cast(self.bias * math.sqrt(self.lr_multiplier), inputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "lr_multiplier": self.lr_multiplier}
+
+
+@keras.saving.register_keras_serializable(package="cnnstudy")
+class Dirac(keras.initializers.RandomUniform):
+    """airbench's conv initialisation: PyTorch's default uniform(+-1/sqrt(fan_in)) kernel whose
+    first min(in, out) filters are the identity (filter i passes input channel i through),
+    so each conv starts as an implicit residual connection.
+    """
+
+    def __init__(self, seed=None):
+        super().__init__(minval=-1.0, maxval=1.0, seed=seed)
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, cin, cout = shape
+        kernel = super().__call__(shape, dtype) / math.sqrt(kh * kw * cin)
+        n = min(cin, cout)
+        identity, keep = np.zeros(shape, "float32"), np.ones(shape, "float32")
+        identity[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+        keep[..., :n] = 0.0
+        return kernel * keras.ops.cast(keep, kernel.dtype) + keras.ops.cast(identity, kernel.dtype)
+
+    def get_config(self):
+        return {"seed": super().get_config()["seed"]}
+
+
+CUSTOM_LAYERS = {"PatchWhitening": PatchWhitening, "Bias": Bias}
+CUSTOM_INITIALIZERS = {"dirac": Dirac}
+
+
+@keras.saving.register_keras_serializable(package="cnnstudy")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """airbench's "triangle": linear from ``start`` x ``peak`` up to ``peak`` over
+    ``warmup_steps``, then linear down to ``end`` x ``peak`` at ``total_steps``."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = 0.0, end: float = 0.0):
+        self.peak, self.warmup_steps, self.total_steps = float(peak), int(warmup_steps), int(total_steps)
+        self.start, self.end = float(start), float(end)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = self.start + (1.0 - self.start) * step / max(self.warmup_steps, 1)
+        down = 1.0 + (self.end - 1.0) * (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * keras.ops.where(step < self.warmup_steps, up, keras.ops.maximum(down, self.end))
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "start": self.start, "end": self.end}  # fmt: skip
 
 
 def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
@@ -92,6 +171,8 @@ def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
         kwargs.setdefault("rate", spec.get("dropout", 0.5))
     if class_name == "BatchNormalization" and spec.get("batchnorm_momentum") is not None:
         kwargs.setdefault("momentum", spec["batchnorm_momentum"])
+    if kwargs.get("kernel_initializer") in CUSTOM_INITIALIZERS:
+        kwargs["kernel_initializer"] = CUSTOM_INITIALIZERS[kwargs["kernel_initializer"]]()
     cls = CUSTOM_LAYERS.get(class_name) or getattr(keras.layers, class_name)
     try:
         return cls(**kwargs, name=f"{class_name.lower()}_{index}")
@@ -187,7 +268,18 @@ def build_model(
         _, x = _add_backbone(x, spec, weights_path)
     for i, item in enumerate(flatten_layers(spec["layers"])):
         x = _layer(item, spec, i)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    head = spec.get("output") or {}
+    scale = head.get("logit_scale")
+    outputs = keras.layers.Dense(
+        num_classes,
+        use_bias=head.get("use_bias", True),
+        activation=None if scale else "softmax",
+        dtype="float32",
+        name="logits" if scale else "predictions",
+    )(x)
+    if scale:
+        outputs = keras.layers.Rescaling(scale, dtype="float32", name="logit_scale")(outputs)
+        outputs = keras.layers.Activation("softmax", dtype="float32", name="predictions")(outputs)
     model = keras.Model(inputs, outputs, name=spec.get("name", "model"))
     for layer in model.layers:
         if isinstance(layer, PatchWhitening) and train_images is not None:
@@ -209,13 +301,17 @@ def make_optimizer(spec: dict, steps_per_epoch: int) -> keras.optimizers.Optimiz
     if schedule:
         total = max(1, spec["epochs"] * steps_per_epoch)
         warmup = min(total - 1, int(round(schedule.get("warmup_epochs", 0) * steps_per_epoch)))
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=learning_rate if warmup == 0 else 0.0,
-            warmup_target=learning_rate if warmup else None,
-            warmup_steps=warmup,
-            decay_steps=total - warmup,
-            alpha=schedule.get("alpha", 0.0),
-        )
+        start, end = schedule.get("warmup_start", 0.0), schedule.get("alpha", 0.0)
+        if schedule.get("name", "cosine") == "linear":
+            learning_rate = WarmupLinearDecay(learning_rate, warmup, total, start, end)
+        else:
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=learning_rate if warmup == 0 else start * learning_rate,
+                warmup_target=learning_rate if warmup else None,
+                warmup_steps=warmup,
+                decay_steps=total - warmup,
+                alpha=end,
+            )
     return OPTIMIZERS[name](learning_rate=learning_rate, **settings)
 
 
