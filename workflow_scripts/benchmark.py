@@ -94,12 +94,14 @@ def legacy_generator(spec: dict):
 PATHS = ("workflow", "ceiling", "baseline")
 
 
-def measure_path(data: str, spec_path: str, path: str, images: int, rounds: int, threads: int, precision: str) -> dict:
-    """Training (and evaluation) images/s of one path, in this process (a fresh one per path).
+def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, threads: int, precision: str) -> dict:
+    """Training (and evaluation) images/s of ``paths``, all in this one process.
 
     workflow: the training job's tf.data pipeline, precision and XLA setting; ceiling: the same
     model fed one in-memory batch over and over; baseline: float32, numpy arrays and Keras 2's
-    ImageDataGenerator for the entry's augmentation.
+    ImageDataGenerator for the entry's augmentation. The paths take turns, epoch by epoch, so
+    that whatever speed this process runs at, every path sees it: the ratios compare like
+    with like.
     """
     intra, _ = runtime.configure_threads(threads)
     with np.load(data) as arrays:
@@ -111,36 +113,51 @@ def measure_path(data: str, spec_path: str, path: str, images: int, rounds: int,
 
     (spec,) = _load([spec_path]).values()
     device = runtime.setup_device()
-    policy = "float32" if path == "baseline" else runtime.resolve_precision(precision, device)
-    jit = False if path == "baseline" else runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
-    keras.mixed_precision.set_global_policy(policy)
-    runtime.seed_everything(0)
     batch = spec["batch_size"]
     steps = len(x) // batch
     x, y = x[: steps * batch], y[: steps * batch]
-    entry = {**spec, "augmentation": []} if path == "baseline" else spec  # the generator augments
-    model = models.compile_model(models.build_model(entry, train_images=x), entry, steps, jit)
+    setups = {}
+    for path in paths:
+        policy = "float32" if path == "baseline" else runtime.resolve_precision(precision, device)
+        jit = False if path == "baseline" else runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
+        keras.mixed_precision.set_global_policy(policy)  # a model keeps the policy it was built under
+        runtime.seed_everything(0)
+        entry = {**spec, "augmentation": []} if path == "baseline" else spec  # the generator augments
+        model = models.compile_model(models.build_model(entry, train_images=x), entry, steps, jit)
+        if path == "workflow":
+            fit = {"x": pipeline.train_dataset(x, y, batch, seed=0), "shuffle": False}
+            predict = {"x": pipeline.eval_dataset(x_test, None, 500)}
+        elif path == "ceiling":
+            fit = {"x": tf.data.Dataset.from_tensors((tf.constant(x[:batch]), tf.constant(y[:batch]))).repeat(steps)}
+            predict = None
+        else:
+            generator = legacy_generator(spec)
+            fit = {"x": generator.flow(x, y, batch_size=batch, seed=0)} if generator else {"x": x, "y": y, "batch_size": batch}
+            predict = {"x": x_test, "batch_size": 500}
+        setups[path] = (model, fit, predict, policy, jit)
+        _epoch_rate(model, len(x), **fit)  # untimed warm-up: tracing, caches, thread pools
+        if predict:
+            _predict_rate(model, len(x_test), **predict)
+    train_rates = {path: [] for path in paths}
+    eval_rates = {path: [] for path in paths if setups[path][2]}
+    for _ in range(rounds):
+        for path, (model, fit, predict, _, _) in setups.items():
+            train_rates[path].append(_epoch_rate(model, len(x), **fit))
+            if predict:
+                eval_rates[path].append(_predict_rate(model, len(x_test), **predict))
+    return {
+        path: {
+            "path": path, "precision": setups[path][3], "XLA": setups[path][4],
+            "intra_op": intra, "batch": batch, "train img/s": float(np.median(train_rates[path])),
+            **({"eval img/s": float(np.median(eval_rates[path]))} if path in eval_rates else {}),
+        }
+        for path in paths
+    }  # fmt: skip
 
-    if path == "workflow":
-        fit = {"x": pipeline.train_dataset(x, y, batch, seed=0), "shuffle": False}
-        predict = {"x": pipeline.eval_dataset(x_test, None, 500)}
-    elif path == "ceiling":
-        fit = {"x": tf.data.Dataset.from_tensors((tf.constant(x[:batch]), tf.constant(y[:batch]))).repeat(steps)}
-        predict = None
-    else:
-        generator = legacy_generator(spec)
-        fit = {"x": generator.flow(x, y, batch_size=batch, seed=0)} if generator else {"x": x, "y": y, "batch_size": batch}
-        predict = {"x": x_test, "batch_size": 500}
-    result = {"path": path, "precision": policy, "XLA": jit, "intra_op": intra, "batch": batch,
-              "train img/s": _median_rate(lambda: _epoch_rate(model, len(x), **fit), rounds)}  # fmt: skip
-    if predict:
-        result["eval img/s"] = _median_rate(lambda: _predict_rate(model, len(x_test), **predict), max(1, rounds // 2))
-    return result
 
-
-def _spawn(data: str, spec_path: str, path: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1):
-    """Run ``jobs`` copies of one measurement, each in a fresh process, at the same time."""
-    cmd = [sys.executable, str(HERE / "benchmark.py"), "--measure", path, "--data", data, "--specs", spec_path,
+def _spawn(data: str, spec_path: str, paths: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1):
+    """Run ``jobs`` copies of one measurement (``paths``: comma-separated), each in a fresh process, at once."""
+    cmd = [sys.executable, str(HERE / "benchmark.py"), "--measure", paths, "--data", data, "--specs", spec_path,
            "--images", str(images), "--rounds", str(rounds), "--threads", str(threads), "--precision", precision]  # fmt: skip
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(jobs)]
     results = []
@@ -153,23 +170,22 @@ def _spawn(data: str, spec_path: str, path: str, images: int, rounds: int, threa
 
 
 def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, processes: int) -> dict:
-    """The three paths of one model, each in ``processes`` fresh processes in turn; the best is kept.
+    """The three paths of one model, together in each of ``processes`` fresh processes; the fastest is kept.
 
-    Best of several processes, because on the 2-vCPU machine this was developed on a
-    TensorFlow process lands, at random, in a fast (~580 img/s for model_10) or a slow
-    (~400 img/s, a quarter of the CPU idle) mode for its whole life.
+    On the 2-vCPU machine this was developed on, a TensorFlow process lands at random in a
+    fast (~600 img/s for model_17) or a slow (~400 img/s, a quarter of the CPU idle) mode for
+    its whole life. All three paths of a row come from one process, so its ratios hold
+    whichever mode that was; the process with the fastest workflow path is reported.
     """
     (name,) = _load([spec_path])
-    runs = {path: [] for path in PATHS}
-    for _ in range(processes):
-        for path in PATHS:
-            runs[path] += _spawn(data, spec_path, path, images, rounds, threads, precision)
-    got = {path: max(results, key=lambda r: r["train img/s"]) for path, results in runs.items()}
+    runs = [_spawn(data, spec_path, ",".join(PATHS), images, rounds, threads, precision)[0] for _ in range(processes)]
+    got = max(runs, key=lambda run: run["workflow"]["train img/s"])
     row = {
         "model": name, "precision": got["workflow"]["precision"], "XLA": got["workflow"]["XLA"],
         "batch size": got["workflow"]["batch"],
         **{f"{path} img/s": got[path]["train img/s"] for path in PATHS},
         "eval img/s": got["workflow"]["eval img/s"], "baseline eval img/s": got["baseline"]["eval img/s"],
+        "workflow img/s, each process": [round(run["workflow"]["train img/s"]) for run in runs],
     }  # fmt: skip
     row["pipeline/ceiling"] = row["workflow img/s"] / row["ceiling img/s"]
     row["workflow/baseline"] = row["workflow img/s"] / row["baseline img/s"]
@@ -182,7 +198,7 @@ def concurrency(data: str, spec_path: str, images: int, rounds: int, cores: int,
     for jobs in counts:
         threads = max(1, cores // jobs)  # what `snakemake --cores {cores}` gives each of `jobs` jobs
         start = time.perf_counter()
-        results = _spawn(data, spec_path, "workflow", images, rounds, threads, precision, jobs=jobs)
+        results = [r["workflow"] for r in _spawn(data, spec_path, "workflow", images, rounds, threads, precision, jobs=jobs)]
         per_job = [r["train img/s"] for r in results]
         rows.append({
             "concurrent jobs": jobs, "threads per job": threads, "TF intra-op threads": results[0]["intra_op"],
@@ -197,7 +213,7 @@ def main(
     data: str,
     out: str | None = None,
     specs: list[str] = (),
-    images: int = 4096,
+    images: int = 8192,
     rounds: int = 2,
     processes: int = 2,
     threads: int = 2,
@@ -209,7 +225,7 @@ def main(
     import pandas as pd
 
     if measure:  # one measurement, in its own process (see _spawn)
-        result = measure_path(data, specs[0], measure, images, rounds, threads, precision)
+        result = measure_paths(data, specs[0], measure.split(","), images, rounds, threads, precision)
         print(json.dumps(result), flush=True)
         return result
     if not out:
@@ -230,17 +246,18 @@ def main(
         n_test = len(arrays["x_test"])
     table = pd.DataFrame(rows)[
         ["model", "precision", "XLA", "batch size", "workflow img/s", "ceiling img/s", "pipeline/ceiling",
-         "baseline img/s", "workflow/baseline", "eval img/s", "baseline eval img/s"]
+         "baseline img/s", "workflow/baseline", "eval img/s", "baseline eval img/s", "workflow img/s, each process"]
     ]  # fmt: skip
     text = "\n".join([
         "# Throughput benchmark",
         "",
         f"Generated by `workflow_scripts/benchmark.py` on {time.strftime('%Y-%m-%d %H:%M')}: {device['kind']} "
         f"{device['name']} ({runtime.available_cpus()} CPUs usable, TensorFlow {tf.__version__}, "
-        f"{intra} intra-op threads), {images} training images. Each path runs in {processes} fresh "
-        f"processes in turn; a process reports the median of {rounds} epochs after an untimed warm-up "
-        "epoch, and the best process is kept (on a small VM a TensorFlow process can land in a slow mode "
-        "for its whole life). Concurrent jobs: one process each, as in a real run.",
+        f"{intra} intra-op threads), {images} training images. Each model runs in {processes} fresh "
+        f"processes; in each, the three paths take turns for {rounds} epochs (medians reported) after an "
+        "untimed warm-up epoch, so they share whatever speed that process got (on a small VM a TensorFlow "
+        "process can land in a slow mode for its whole life); the process with the fastest workflow path is "
+        "kept. Concurrent jobs: one process each, as in a real run.",
         "",
         "Training images/s: *workflow* is the training job's own path (tf.data, in-model augmentation, "
         "the precision the job picks); *ceiling* feeds the same model one in-memory batch (no input work); "
@@ -269,14 +286,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="preprocessed .npz")
     p.add_argument("--out", help="markdown file to write (e.g. reports/benchmark.md)")
     p.add_argument("--specs", nargs="+", required=True, help="model spec JSONs; the first also runs the concurrency test")
-    p.add_argument("--images", type=int, default=4096, help="training images per epoch measured")
+    p.add_argument("--images", type=int, default=8192, help="training images per epoch measured")
     p.add_argument("--rounds", type=int, default=2, help="epochs measured per process (median reported)")
     p.add_argument("--processes", type=int, default=2, help="fresh processes per path (best kept)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--concurrency-cores", type=int, default=4)
     p.add_argument("--concurrency-jobs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--measure", choices=PATHS, help=argparse.SUPPRESS)
+    p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: comma-separated paths, one process
     return p
 
 
