@@ -163,3 +163,17 @@ def test_report_scripts_need_no_tensorflow():
     """Regeneration stays fast: the report and plot scripts never import TensorFlow."""
     code = "import sys, report, plots; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS, check=True)
+
+
+def test_time_to_accuracy_counts_the_epochs_then_the_final_model():
+    import report
+
+    metrics = {
+        "time_to_accuracy": [{"train_seconds": 100.0, "test_accuracy": 0.80}, {"train_seconds": 200.0, "test_accuracy": 0.90}],
+        "train_seconds": 210.0,
+        "test": {"accuracy": 0.95},  # the evaluated model: weight average and TTA
+    }
+    assert report.time_to(metrics, 0.87) == 200.0
+    assert report.time_to(metrics, 0.94) == 210.0
+    assert np.isnan(report.time_to(metrics, 0.96))
+    assert np.isnan(report.time_to({"train_seconds": 1.0, "test": {"accuracy": 0.99}}, 0.5))  # not recorded
