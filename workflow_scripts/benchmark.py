@@ -116,7 +116,7 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     batch = spec["batch_size"]
     steps = len(x) // batch
     x, y = x[: steps * batch], y[: steps * batch]
-    setups = {}
+    setups, settings = {}, {}  # path -> (model, fit args, predict args); path -> (policy, XLA)
     for path in paths:
         policy = "float32" if path == "baseline" else runtime.resolve_precision(precision, device)
         jit = False if path == "baseline" else runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
@@ -134,20 +134,20 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
             generator = legacy_generator(spec)
             fit = {"x": generator.flow(x, y, batch_size=batch, seed=0)} if generator else {"x": x, "y": y, "batch_size": batch}
             predict = {"x": x_test, "batch_size": 500}
-        setups[path] = (model, fit, predict, policy, jit)
+        setups[path], settings[path] = (model, fit, predict), (policy, jit)
         _epoch_rate(model, len(x), **fit)  # untimed warm-up: tracing, caches, thread pools
         if predict:
             _predict_rate(model, len(x_test), **predict)
     train_rates = {path: [] for path in paths}
     eval_rates = {path: [] for path in paths if setups[path][2]}
     for _ in range(rounds):
-        for path, (model, fit, predict, _, _) in setups.items():
+        for path, (model, fit, predict) in setups.items():
             train_rates[path].append(_epoch_rate(model, len(x), **fit))
             if predict:
                 eval_rates[path].append(_predict_rate(model, len(x_test), **predict))
     return {
         path: {
-            "path": path, "precision": setups[path][3], "XLA": setups[path][4],
+            "path": path, "precision": settings[path][0], "XLA": settings[path][1],
             "intra_op": intra, "batch": batch, "train img/s": float(np.median(train_rates[path])),
             **({"eval img/s": float(np.median(eval_rates[path]))} if path in eval_rates else {}),
         }
