@@ -1,28 +1,32 @@
 # The two commands for a fresh machine with Python 3.11 (see README.md):
 #   make run    create .venv and run the whole study
 #   make test   create .venv and run the test suite (what CI runs, via .ci/run)
-# Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11
+# Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11,
+#          GPU=1 (NVIDIA machines: install TensorFlow's GPU build, requirements-gpu.txt)
 
 PYTHON ?= python3.11
 VENV ?= .venv
 DATA ?=
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
+GPU ?=
+REQUIREMENTS = $(if $(GPU),requirements-gpu.txt,requirements.txt)
+STAMP = $(VENV)/.installed$(if $(GPU),-gpu)
 
 # Jobs call `python`, so the environment's bin directory comes first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DATA_ARG = $(if $(DATA),--config data_source=$(abspath $(DATA)))
 
-.PHONY: setup run quick test lint clean-results
+.PHONY: setup run test lint
 
-$(VENV)/.installed: requirements.txt
+$(STAMP): $(REQUIREMENTS) requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet -r $(REQUIREMENTS)
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
 run: setup
 	snakemake $(DATA_ARG) $(SNAKEMAKE_ARGS)

@@ -14,7 +14,7 @@ rule benchmark:
     log:
         f"{RESULTS}/logs/benchmark.log",
     conda:
-        "../envs/tensorflow.yaml"
+        TF_ENV
     threads: 64  # scaled down to --cores: the benchmark should have the whole machine
     shell:
         "python {input.script} --data {input.data:q} --specs {input.specs:q}"

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
-from cnnstudy import cifar, configuration
+from cnnstudy import cifar, configuration, provenance
 from snakemake.logging import logger
 
 # Validates config.yaml (plus --config/--configfile overrides) against the schema, fills
@@ -22,7 +22,6 @@ if workflow.non_local_exec:
             f"resource limit gpu={_gpu_limit} (from profiles/default?): only {_gpu_limit} GPU job(s) "
             "at a time on the cluster. Add --workflow-profile none to cluster runs."
         )
-SEEDS = config["seeds"]
 RESULTS = config["results_dir"]
 REPORTS = config["reports_dir"]
 RAW_DIR = "resources/cifar-10-batches-py"
@@ -41,9 +40,15 @@ def script(name):
     return str(Path(workflow.basedir) / "workflow_scripts" / name)
 
 
+# TensorFlow jobs' conda environment: CPU-only, or the GPU build (tensorflow[and-cuda]).
+TF_ENV = (
+    f"../envs/tensorflow{'-gpu' if config['tensorflow_build'] == 'gpu' else ''}.yaml"
+)
+
+
 # Keys of an entry that describe it in the tables or affect only evaluation: changing
 # them must not retrain the model.
-NOT_FOR_TRAINING = ("note", "published", "table", "tta")
+NOT_FOR_TRAINING = ("note", "published", "table", "tta", "seeds")
 TABLES = sorted({spec["table"] for spec in MODELS.values()})
 TABLE_FORMATS = ("md", "csv", "tex", "html")
 TABLE_TITLES = {
@@ -51,6 +56,15 @@ TABLE_TITLES = {
     2: "Table 2: transfer learning",
     3: "Table 3: the models",
 }
+
+
+def runs(pattern):
+    """``pattern`` filled for every (model, seed) pair: each entry with its own seeds."""
+    return [
+        pattern.format(model=name, seed=seed)
+        for name, spec in MODELS.items()
+        for seed in spec["seeds"]
+    ]
 
 
 def training_spec(model):
@@ -105,7 +119,7 @@ def all_weights_manifests():
 
 def benchmark_files(wildcards):
     """Benchmark TSVs of the heavy jobs, for the benchmark summary table."""
-    jobs = expand("{model}/seed_{seed}.tsv", model=MODELS, seed=SEEDS)
+    jobs = runs("{model}/seed_{seed}.tsv")
     stages = expand(f"{RESULTS}/benchmarks/{{stage}}", stage=("train", "evaluate"))
     return [f"{stage}/{job}" for stage in stages for job in jobs] + [
         rules.preprocess.benchmark

@@ -17,7 +17,7 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{model}}/seed_{{seed}}.tsv"
     conda:
-        "../envs/tensorflow.yaml"
+        TF_ENV
     threads: 2
     params:
         tta=lambda wildcards: MODELS[wildcards.model].get("tta", "none"),

@@ -29,7 +29,7 @@ rule fetch_weights:
         f"{RESULTS}/logs/fetch_weights/{{backbone}}-{{size}}px.log",
     retries: 3
     conda:
-        "../envs/tensorflow.yaml"
+        TF_ENV
     params:
         cache=lambda wildcards, output: os.path.dirname(output[0]),
         script=script("fetch_weights.py"),
@@ -66,7 +66,7 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{model}}/seed_{{seed}}.tsv"
     conda:
-        "../envs/tensorflow.yaml"
+        TF_ENV
     threads: 8
     resources:
         gpu=1,
@@ -76,6 +76,7 @@ rule train:
         # failed or killed job's outputs must not delete it.
         state_dir=lambda wildcards: f"{RESULTS}/train_state/{wildcards.model}/seed_{wildcards.seed}",
         precision=config["precision"],
+        device=f"--require-gpu {config['require_gpu']} --deterministic-ops {str(config['deterministic_ops']).lower()}",
         weights=lambda wildcards, input: (
             f"--weights-manifest {input.weights}"
             if backbone_weights(wildcards.model) == "imagenet"
@@ -86,4 +87,4 @@ rule train:
         "python {params.script} --data {input.data:q} --spec {input.spec:q}"
         " --model-out {output.model:q} --history-out {output.history:q} --info-out {output.info:q}"
         " --state-dir {params.state_dir:q} --seed {wildcards.seed} --threads {threads}"
-        " --precision {params.precision} {params.weights} > {log} 2>&1"
+        " --precision {params.precision} {params.device} {params.weights} > {log} 2>&1"

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, REPO, TINY, require_mirror, snakemake, wait_for_epoch
+from conftest import BIN, REPO, TINY, require_mirror, saved_epoch, snakemake, wait_for_epoch
 from slurm_cluster import ACCOUNT, PARTITION, Cluster, install
 from test_workflow_static import _jobs
 
@@ -30,7 +30,8 @@ def test_slurm_profile_plans_the_dag_with_the_right_resources(tmp_path):
     proc = snakemake("--profile", SLURM_PROFILE, "--workflow-profile", "none", "-n", "--cores", "64",
                      "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz")  # fmt: skip
     jobs = _jobs(proc.stdout)
-    assert jobs["train"] == jobs["evaluate"] == 17 and jobs["fetch_weights"] == 3
+    # 17 entries, model_10 and model_17 with three seeds each
+    assert jobs["train"] == jobs["evaluate"] == 21 and jobs["fetch_weights"] == 3
     train = {re.search(r"wildcards: model=(\w+)", b)[1]: b for b in _job_blocks(proc.stdout, "train")}
     for model, minutes in (("model_10", 90), ("model_15", 180)):
         resources = re.search(r"resources: (.*)", train[model])[1]
@@ -74,11 +75,11 @@ def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path):
     log = open(tmp_path / "first.out", "w")
     first = subprocess.Popen([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args],
                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
-    meta = tmp_path / "results/tiny/train_state/model_03/seed_0/phase1/training_metadata.json"
-    wait_for_epoch(meta, 2, first, timeout=600)
+    state = tmp_path / "results/tiny/train_state/model_03/seed_0"
+    wait_for_epoch(state, 2, first, timeout=600)
     os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its job, no clean-up
     first.wait()
-    assert json.loads(meta.read_text())["epoch"] == 2, (tmp_path / "first.out").read_text()[-3000:]
+    assert saved_epoch(state) == 2, (tmp_path / "first.out").read_text()[-3000:]
     assert not (tmp_path / "results/tiny/models/model_03/seed_0/model.keras").exists()
 
     snakemake("--unlock", *args)  # a killed Snakemake leaves its lock behind

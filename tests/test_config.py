@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import pytest
@@ -58,11 +59,22 @@ def test_run_models_selects(cfg):
     assert list(_load(cfg)) == ["model_01", "model_10"]  # table order is kept
 
 
+def test_strings_that_spell_numbers_are_read_as_numbers(cfg):
+    """As Snakemake's --config passes nested values: all strings."""
+    cfg = copy.deepcopy(cfg)
+    cfg.update(val_fraction="0.2", seeds=["1", "2"], model_overrides={"epochs": "3", "optimizer": {"learning_rate": "1e-3"}})
+    models = configuration.load(cfg)
+    assert cfg["val_fraction"] == 0.2 and cfg["seeds"] == [1, 2]
+    assert models["model_01"]["epochs"] == 3 and models["model_05"]["optimizer"]["learning_rate"] == 0.001
+    assert models["model_01"]["seeds"] == [1, 2] and models["model_10"]["seeds"] == [0, 1, 2]  # an entry's own win
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
         (lambda c: c.update(bogus=1), r"<top level>: unknown key\(s\) 'bogus'"),
-        (lambda c: c.update(val_fraction="0.1"), r"val_fraction: '0.1' is not of type 'number'"),
+        (lambda c: c.update(val_fraction="a tenth"), r"val_fraction: 'a tenth' is not of type 'number'"),
+        (lambda c: c.update(model_overrides={"epochs": "2.5"}), r"model_overrides.epochs: 2.5 is not of type 'integer'"),
         (lambda c: c.update(val_fraction=1.5), r"val_fraction: 1.5 is greater than or equal to the maximum of 1"),
         (lambda c: c["subset"].update(train=-5), r"subset.train: -5 is less than the minimum of 1"),
         (lambda c: c.update(seeds=[]), r"seeds: \[\] should be non-empty"),
@@ -120,11 +132,14 @@ def test_spec_hash_is_stable_and_sensitive(cfg):
 
 
 def _pins(lines):
-    return dict(re.match(r"\s*-?\s*([A-Za-z0-9_.-]+)==([^\s#]+)", line).groups() for line in lines if "==" in line)
+    pin = r"\s*-?\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s#]+)"  # extras such as tensorflow[and-cuda] allowed
+    return dict(re.match(pin, line).groups() for line in lines if "==" in line)
 
 
 def test_conda_envs_pin_the_same_versions_as_requirements():
     requirements = _pins((REPO / "requirements.txt").read_text().splitlines())
+    gpu = _pins((REPO / "requirements-gpu.txt").read_text().splitlines())
+    assert gpu == {"tensorflow": requirements["tensorflow"]}, "requirements-gpu.txt: the GPU build of the same TensorFlow"
     envs = sorted((REPO / "envs").glob("*.yaml"))
     assert envs, "no conda environment files"
     for env_file in envs:
@@ -133,3 +148,18 @@ def test_conda_envs_pin_the_same_versions_as_requirements():
         for name, version in _pins(pip).items():
             assert requirements.get(name) == version, f"{env_file.name}: {name}=={version} vs requirements.txt"
         assert "python=3.11" in env["dependencies"]
+
+
+def test_under_ci_a_missing_mirror_fails_the_session(tmp_path):
+    """CI=true: a test whose prerequisite is missing fails, naming it; locally it is skipped."""
+    import subprocess
+    import sys
+
+    test = "tests/test_workflow_run.py::test_nothing_to_do_after_the_run"
+    env = {**os.environ, "CIFAR10_ARCHIVE": str(tmp_path / "hidden.tar.gz")}
+    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO,
+                        env={**env, "CI": "true"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ci.returncode != 0 and "CI=true and the real CIFAR-10 mirror is not at" in ci.stdout, ci.stdout[-2000:]
+    local = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test], cwd=REPO,
+                           env={**env, "CI": ""}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert local.returncode == 0 and "SKIPPED" in local.stdout and "mirror is not at" in local.stdout, local.stdout[-2000:]

@@ -154,3 +154,28 @@ def test_real_mirror_full_dataset(tmp_path):
     assert info["class_counts"]["val"] == [500] * 10
     assert info["class_counts"]["test"] == [1000] * 10
     assert info["class_names"] == CLASS_NAMES
+
+
+class _RunsCode:
+    """What a malicious 'batch' would hold: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _RunsCode(marker), b"labels": [0]}))
+    with pytest.raises(cifar.UnsafePickleError, match=r"data_batch_1: refused to unpickle posix\.system"):
+        cifar.read_batch(path)
+    assert not marker.exists()  # nothing ran
+    # The preprocessing job reports it as one clear error line, not a traceback.
+    assert issubclass(cifar.UnsafePickleError, JobError)

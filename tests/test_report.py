@@ -56,7 +56,7 @@ def test_html_report_renders_tables_and_figures(tiny_run, tmp_path):
         _open_item(page, report, "Tables", "Table 1: custom CNNs")
         frame = next(f for f in page.frames if "table1.html" in f.url)
         text = frame.inner_text("body")
-        assert "Table 1 - Custom CNNs" in text and "model_10" in text and "Accuracy (study)" in text
+        assert "Table 1 - Custom CNNs" in text and "model_10" in text and "Train accuracy (study)" in text
         assert frame.locator("tr").count() == 13  # header + 11 rungs + model_17
         page.screenshot(path=str(tmp_path / "table1.png"))
 
@@ -90,6 +90,7 @@ def test_provenance_and_benchmarks_are_reported(tiny_run):
     assert len(prov) == len(tiny_run["models"])
     assert prov["TensorFlow"].eq("2.21.0").all() and prov["Device"].str.startswith("CPU").all()
     assert prov["Precision"].isin(["float32", "mixed_bfloat16"]).all() and prov["Data md5"].nunique() == 1
+    assert prov["Code now"].eq("same").all() and prov["Training code"].nunique() == 1
     bench = pd.read_csv(reports / "benchmarks.csv")
     assert {"train/model_10/seed_0", "evaluate/model_10/seed_0", "preprocess"} <= set(bench["Job"])
     assert (bench["Wall time (s)"] > 0).all() and (bench["Peak RSS (MB)"] > 0).all()
@@ -119,7 +120,8 @@ def seeds_run(tmp_path_factory):
     mirror = require_mirror()
     work = tmp_path_factory.mktemp("seeds_run")
     extra = work / "seeds.yaml"
-    extra.write_text(yaml.safe_dump({"seeds": [0, 1], "run_models": ["model_01", "model_10"]}))
+    # The tiny preset gives every entry one seed through model_overrides; two here instead.
+    extra.write_text(yaml.safe_dump({"model_overrides": {"seeds": [0, 1]}, "run_models": ["model_01", "model_10"]}))
     snakemake("--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}", "--cores", "2")
     return work
 
@@ -135,7 +137,8 @@ def test_two_seeds_give_mean_std_and_n(seeds_run):
         for column, values in (
             ("test_accuracy", [r["test"]["accuracy"] for r in runs]),
             ("f1_macro", [r["test"]["f1_macro"] for r in runs]),
-            ("val_loss", [r["kept_epoch"]["val_loss"] for r in runs]),
+            ("val_loss", [r["val"]["loss"] for r in runs]),
+            ("loss", [r["kept_epoch"]["cross_entropy"] for r in runs]),
         ):
             assert table.loc[name, f"{column}_mean"] == pytest.approx(np.mean(values))
             assert table.loc[name, f"{column}_std"] == pytest.approx(np.std(values, ddof=1))
@@ -165,15 +168,35 @@ def test_report_scripts_need_no_tensorflow():
     subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS, check=True)
 
 
-def test_time_to_accuracy_counts_the_epochs_then_the_final_model():
+def test_time_to_accuracy_reads_the_evaluated_model_after_each_epoch():
     import report
 
     metrics = {
         "time_to_accuracy": [{"train_seconds": 100.0, "test_accuracy": 0.80}, {"train_seconds": 200.0, "test_accuracy": 0.90}],
         "train_seconds": 210.0,
-        "test": {"accuracy": 0.95},  # the evaluated model: weight average and TTA
+        "test": {"accuracy": 0.95},  # not a point of its own: the last epoch's point is the final model
     }
     assert report.time_to(metrics, 0.87) == 200.0
-    assert report.time_to(metrics, 0.94) == 210.0
-    assert np.isnan(report.time_to(metrics, 0.96))
+    assert np.isnan(report.time_to(metrics, 0.94))
     assert np.isnan(report.time_to({"train_seconds": 1.0, "test": {"accuracy": 0.99}}, 0.5))  # not recorded
+
+
+def test_results_trained_by_other_code_are_marked(tiny_run, tmp_path):
+    """Metrics whose training code hash differs from the current code get a † and 'differs'."""
+    import report
+
+    results = tiny_run["work"] / "results" / "tiny"
+    metrics = []
+    for name in ("model_01", "model_10"):
+        m = json.loads((results / "metrics" / name / "seed_0" / "metrics.json").read_text())
+        if name == "model_10":  # as if trained before the last change to the training code
+            m["provenance"]["training"]["code_hash"] = "0123456789abcdef"
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+        metrics.append(str(tmp_path / f"{name}.json"))
+    report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path / "out"), tables=[1])
+    table = pd.read_csv(tmp_path / "out" / "table1.csv").set_index("model")
+    assert table["trained_by_other_code"].to_dict() == {"model_01": False, "model_10": True}
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert "| model_10 †" in md and "| model_01 " in md and "| model_01 †" not in md
+    prov = pd.read_csv(tmp_path / "out" / "provenance.csv").set_index("Model")
+    assert prov.loc["model_10", "Code now"].startswith("differs") and prov.loc["model_01", "Code now"] == "same"

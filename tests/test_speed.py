@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import train
-from cnnstudy import models, pipeline, runtime
+from cnnstudy import models, pipeline, predict, runtime
 
 from test_train import _outputs
 
@@ -65,25 +65,24 @@ def _batches(ds):
     return xs, ys
 
 
-def test_train_dataset_yields_the_arrays_shuffled_reproducibly():
+def test_train_dataset_orders_each_epoch_from_seed_and_epoch_alone():
     rng = np.random.default_rng(0)
     x = rng.random((100, 32, 32, 3), dtype=np.float32)
     labels = np.arange(100) % 10
     y = np.eye(10, dtype=np.float32)[labels]
-    xs, ys = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5))
-    assert [len(b) for b in xs] == [32, 32, 32, 4]
+    xs, ys = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5, first_epoch=0, epochs=2))
+    assert [len(b) for b in xs] == [32, 32, 32, 4] * 2  # an epoch's short batch never mixes epochs
     x_all, y_all = np.concatenate(xs), np.concatenate(ys)
-    # every image exactly once, still paired with its own label
+    # every image exactly once per epoch, still paired with its own label
     order = [int(np.flatnonzero((x == img).all(axis=(1, 2, 3)))[0]) for img in x_all]
-    assert sorted(order) == list(range(100)) and order != list(range(100))
+    assert sorted(order[:100]) == sorted(order[100:]) == list(range(100))
+    assert order[:100] != list(range(100)) and order[:100] != order[100:]  # shuffled, anew each epoch
     assert np.array_equal(y_all, y[order])
-    assert x_all.dtype == np.float32 and x_all.min() >= 0 and x_all.max() <= 1
-    # the same seed gives the same order; a new epoch a different one
-    again, _ = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5))
-    assert np.array_equal(np.concatenate(again), x_all)
-    ds = pipeline.train_dataset(x, y, batch_size=100, seed=5)
-    first, second = (next(iter(ds))[0].numpy() for _ in range(2))
-    assert not np.array_equal(first, second)
+    assert order[:100] == pipeline.epoch_order(5, 0, 100).tolist()
+    # A job resumed at epoch 1 sees exactly what an uninterrupted one sees in epoch 1.
+    resumed, _ = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5, first_epoch=1, epochs=2))
+    assert np.array_equal(np.concatenate(resumed), x_all[100:])
+    assert pipeline.epoch_order(6, 0, 100).tolist() != order[:100]  # another seed, another order
 
 
 def test_eval_dataset_keeps_order():
@@ -166,10 +165,10 @@ def test_model_17_head_is_bias_free_with_scaled_logits(ladder_specs):
 
 def test_translated_tta_views_move_the_image_one_pixel():
     x = np.arange(2 * 4 * 4 * 1, dtype="float32").reshape(2, 4, 4, 1)
-    down_right = evaluate._crop(x, 1, 1)
+    down_right = predict._shift(x, 1, 1)
     assert np.array_equal(down_right[:, 1:, 1:], x[:, :-1, :-1])
     assert np.array_equal(down_right[:, 0, 1:], x[:, 1, :-1])  # reflected border row
-    assert np.array_equal(evaluate._crop(x, -1, -1)[:, :-1, :-1], x[:, 1:, 1:])
+    assert np.array_equal(predict._shift(x, -1, -1)[:, :-1, :-1], x[:, 1:, 1:])
 
 
 def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs, tmp_path):
@@ -189,13 +188,16 @@ def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs
 
     with np.load(tiny_data) as arrays:
         x = arrays["x_test"]
-    plain = evaluate.predict(model, x, 100, "none")
-    flipped = evaluate.predict(model, x[:, :, ::-1], 100, "none")
-    assert np.allclose(evaluate.predict(model, x, 100, "flip"), (plain + flipped) / 2, atol=1e-5)
+    def probs(images, tta):
+        return predict.predict_views(model, images, tta)[0]
+
+    plain = probs(x, "none")
+    flipped = probs(x[:, :, ::-1], "none")
+    assert np.allclose(probs(x, "flip"), (plain + flipped) / 2, atol=1e-5)
     assert np.abs(plain - flipped).max() > 1e-3  # the mirror image is seen differently: TTA matters
-    pairs = [evaluate.predict(model, evaluate._crop(x, d, d), 100, "flip") for d in (1, -1)]
+    pairs = [probs(predict._shift(x, d, d), "flip") for d in (1, -1)]
     expected = (plain + flipped) / 4 + (pairs[0] + pairs[1]) / 4
-    assert np.allclose(evaluate.predict(model, x, 100, "flip_translate"), expected, atol=1e-5)
+    assert np.allclose(probs(x, "flip_translate"), expected, atol=1e-5)
 
     metrics = tmp_path / "metrics.json"
     evaluate.main(

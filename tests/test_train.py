@@ -11,13 +11,14 @@ import sys
 import time
 
 import evaluate
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 import train
 from cnnstudy.cli import JobError
 
-from conftest import SCRIPTS, wait_for_epoch
+from conftest import SCRIPTS, saved_epoch, wait_for_epoch
 
 
 def _spec(ladder_specs, name, **changes):
@@ -57,8 +58,10 @@ def test_train_then_evaluate(tiny_data, ladder_specs, tmp_path):
     assert saved["kept_epoch"]["epoch"] in (1, 2) and saved["epochs_run"] == 2
     assert saved["params"] == result["params"] > 0
     prov = saved["provenance"]
-    assert prov["packages"]["tensorflow"] and prov["seed"] == 3 and prov["data"]["npz_md5"]
+    assert prov["training"]["packages"]["tensorflow"] and prov["seed"] == 3 and prov["data"]["npz_md5"]
     assert prov["spec_hash"] == info["spec_hash"]
+    assert saved["val"]["accuracy"] == pytest.approx(history["val_accuracy"].iloc[saved["kept_epoch"]["epoch"] - 1], abs=0.011)
+    assert saved["kept_epoch"]["cross_entropy"] > 0 and "per_class" not in saved["val"]
 
 
 def test_nan_loss_fails_the_job_clearly(tiny_data, ladder_specs, tmp_path):
@@ -86,12 +89,10 @@ def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_spec
     args += [f"--{k.replace('_', '-')}={v}" for k, v in out.items()]
 
     proc = _run_cli(args, tmp_path / "first.log", wait=False)
-    meta = state / "phase1" / "training_metadata.json"
-    wait_for_epoch(meta, 2, proc, timeout=300)
+    wait_for_epoch(state, 2, proc, timeout=300)
     os.kill(proc.pid, signal.SIGKILL)  # like a scheduler's preemption: no clean-up runs
     proc.wait()
-    saved_epoch = json.loads(meta.read_text())["epoch"]
-    assert saved_epoch == 2, "the job was not killed between epochs 2 and 3"
+    assert saved_epoch(state) == 2, "the job was not killed between epochs 2 and 3"
     assert not os.path.exists(out["model_out"])
 
     _run_cli(args, tmp_path / "second.log")
@@ -107,9 +108,9 @@ def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_spec
 def test_state_of_a_different_job_is_discarded(tiny_data, ladder_specs, tmp_path):
     spec = _spec(ladder_specs, "model_01", epochs=1)
     state = tmp_path / "state"
-    (state / "backup").mkdir(parents=True)
-    (state / "fingerprint.json").write_text(json.dumps({"spec_hash": "something else"}))
-    (state / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 7, "batch": 0}))
+    (state / "p1-e0007").mkdir(parents=True)
+    (state / "job.json").write_text(json.dumps({"job": {"spec_hash": "something else"}, "settings": {}}))
+    (state / "p1-e0007" / "state.json").write_text(json.dumps({"epoch": 7, "phase": 1, "files": {}, "history": []}))
     info = train.main(str(tiny_data), spec, **_outputs(tmp_path), state_dir=str(state), threads=2)
     assert info["resumed_from_epoch"] == 0 and info["epochs_run"] == 1
 
@@ -117,3 +118,21 @@ def test_state_of_a_different_job_is_discarded(tiny_data, ladder_specs, tmp_path
 def test_missing_data_is_named(ladder_specs, tmp_path):
     with pytest.raises(FileNotFoundError, match="training data not found: .*nope.npz"):
         train.main(str(tmp_path / "nope.npz"), ladder_specs["model_01"], **_outputs(tmp_path), state_dir=str(tmp_path / "s"))
+
+
+def test_a_job_that_must_have_a_gpu_fails_at_once_without_one(tiny_data, ladder_specs, tmp_path):
+    out = _outputs(tmp_path)
+    with pytest.raises(JobError, match=r"require_gpu is true but TensorFlow sees no GPU .*make run GPU=1"):
+        train.main(str(tiny_data), ladder_specs["model_01"], **out, state_dir=str(tmp_path / "s"), require_gpu="true")
+    assert not any(os.path.exists(path) for path in out.values())
+    assert saved_epoch(tmp_path / "s") == 0  # no epoch trained
+
+
+def test_training_records_its_code(tiny_data, ladder_specs, tmp_path):
+    from cnnstudy import provenance
+
+    info = train.main(str(tiny_data), _spec(ladder_specs, "model_01", epochs=1), **_outputs(tmp_path), state_dir=str(tmp_path / "s"))
+    recorded = info["provenance"]
+    assert recorded["code_hash"] == provenance.code_hash("train.py") and len(recorded["code_hash"]) == 16
+    assert recorded["git_commit"] and len(recorded["git_commit"]) == 40 and isinstance(recorded["git_dirty"], bool)
+    assert recorded["packages"]["keras"] == keras.__version__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -43,3 +44,23 @@ def test_snakemake_lint_is_clean():
 def test_snakefmt_check_is_clean():
     proc = subprocess.run([str(BIN / "snakefmt"), "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_nested_command_line_overrides_are_read_as_numbers(tmp_path):
+    """Snakemake passes nested --config values on as strings; YAML reads 1e-3 as one."""
+    config = ["--config", "data_source=/x.tar.gz", "run_models=[model_10]",
+              "model_overrides={epochs: 2, optimizer: {learning_rate: 1e-3}, dropout: 0.1}"]  # fmt: skip
+    proc = snakemake("-n", "--directory", str(tmp_path), *config)
+    assert "train" in proc.stdout
+    snakemake("results/specs/model_10.json", "--directory", str(tmp_path), "--cores", "1", *config)  # a local rule
+    spec = json.loads((tmp_path / "results/specs/model_10.json").read_text())
+    assert spec["epochs"] == 2 and spec["optimizer"]["learning_rate"] == 0.001 and spec["dropout"] == 0.1
+
+
+def test_entries_train_their_own_seeds(tmp_path):
+    config = ["--config", "data_source=/x.tar.gz", "run_models=[model_09,model_10]"]
+    proc = snakemake("-n", "--directory", str(tmp_path), *config)
+    trained = re.findall(r"wildcards: model=(\w+), seed=(\d+)", proc.stdout)
+    models = {(m, int(s)) for m, s in trained}
+    assert {("model_10", 0), ("model_10", 1), ("model_10", 2), ("model_09", 0)} <= models
+    assert ("model_09", 1) not in models  # seeds are not inherited through base:

@@ -1,9 +1,12 @@
-"""Evaluate one trained model on the untouched test set with scikit-learn.
+"""Evaluate one trained model on the validation split and the untouched test set with scikit-learn.
 
-Writes a metrics JSON (accuracy, log loss, macro and weighted F1, per-class
-precision/recall/F1/support, confusion matrix; the train and validation numbers of the
-kept epoch and the epochs run, from the history; model size; provenance) and the test-set
-probabilities as .npz for later analysis.
+Both splits are predicted by one function (cnnstudy.predict: the model's test-time
+augmentation, if its entry has one), so validation and test numbers are measured alike:
+accuracy, log loss (categorical cross-entropy, no label smoothing) of the very probabilities
+that give the accuracy, macro and weighted F1; for the test set also per-class
+precision/recall/F1/support and the confusion matrix. The training history's numbers at the
+kept epoch, the training summary and provenance (training and evaluation) are joined in. The
+test-set probabilities are kept as .npz for later analysis (paired tests between models).
 
     python workflow_scripts/evaluate.py --data results/data/cifar10.npz --manifest results/data/cifar10.json \\
         --model model.keras --history history.csv --train-info train_info.json \\
@@ -26,42 +29,9 @@ from cnnstudy.io import atomic_path, read_json, write_json
 
 log = logging.getLogger("cnnstudy.evaluate")
 
-
-TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per test image
-
-
-def _crop(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """The images moved by (dy, dx) pixels, |d| <= 1, the border filled by reflection."""
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    height, width = x.shape[1:3]
-    return padded[:, 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
-
-
-def predict_views(model, x: np.ndarray, batch_size: int, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities with TTA, probabilities of the plain images): one pass per view.
-
-    flip: the mean over the image and its mirror image. flip_translate (airbench's level 2):
-    half that, plus a quarter each of the same pair for the image moved one pixel down-right
-    and one pixel up-left.
-    """
-
-    def run(images):
-        return model.predict(images, batch_size=batch_size, verbose=0).astype(np.float64)
-
-    def with_mirror(images, plain=None):
-        return ((run(images) if plain is None else plain) + run(images[:, :, ::-1, :])) / 2
-
-    plain = run(x)
-    probs = plain if tta == "none" else with_mirror(x, plain)
-    if tta == "flip_translate":
-        probs = probs / 2 + (with_mirror(_crop(x, 1, 1)) + with_mirror(_crop(x, -1, -1))) / 4
-    # float32 softmax rows, renormalised in float64
-    return probs / probs.sum(axis=1, keepdims=True), plain / plain.sum(axis=1, keepdims=True)
-
-
-def predict(model, x: np.ndarray, batch_size: int, tta: str = "none") -> np.ndarray:
-    """Class probabilities, averaged over the test-time augmentation views (see predict_views)."""
-    return predict_views(model, x, batch_size, tta)[0]
+# From the history at the kept epoch: Keras' running means over the epoch's batches, in
+# training mode (augmentation and dropout active, raw weights), and its validation pass.
+HISTORY_COLUMNS = ("accuracy", "loss", "cross_entropy", "val_accuracy", "val_loss", "val_cross_entropy")
 
 
 def history_row(history, epoch: int) -> dict:
@@ -69,23 +39,30 @@ def history_row(history, epoch: int) -> dict:
     if row.empty:
         raise cli.JobError(f"epoch {epoch} is not in the training history")
     row = row.iloc[0]
-    return {key: float(row[key]) for key in ("accuracy", "loss", "val_accuracy", "val_loss")}
+    return {key: float(row[key]) for key in HISTORY_COLUMNS if key in row}
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str], detail: bool = True) -> dict:
     predicted = probs.argmax(axis=1)
     k = len(class_names)
-    report = skm.classification_report(
-        labels, predicted, labels=range(k), target_names=class_names, output_dict=True, zero_division=0
-    )
-    return {
+    result = {
         "accuracy": skm.accuracy_score(labels, predicted),
         "loss": skm.log_loss(labels, probs, labels=range(k)),
         "f1_macro": skm.f1_score(labels, predicted, average="macro", zero_division=0),
         "f1_weighted": skm.f1_score(labels, predicted, average="weighted", zero_division=0),
-        "per_class": {name: report[name] for name in class_names},
-        "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=range(k)).tolist(),
     }
+    if detail:
+        report = skm.classification_report(
+            labels, predicted, labels=range(k), target_names=class_names, output_dict=True, zero_division=0
+        )
+        result["per_class"] = {name: report[name] for name in class_names}
+        result["confusion_matrix"] = skm.confusion_matrix(labels, predicted, labels=range(k)).tolist()
+    return result
+
+
+def _data_provenance(manifest: dict) -> dict:
+    keys = ("raw_md5", "counts", "val_fraction", "split_seed", "subset")
+    return {"npz_md5": manifest.get("md5"), **{key: manifest.get(key) for key in keys}}
 
 
 def main(
@@ -98,7 +75,6 @@ def main(
     probs_out: str,
     tta: str = "none",
     threads: int = 2,
-    batch_size: int = 500,
 ) -> dict:
     for path in (data, manifest, model, history, train_info):
         if not Path(path).is_file():
@@ -108,53 +84,70 @@ def main(
     import pandas as pd
 
     from cnnstudy import models  # noqa: F401  (registers the workflow's custom layers)
+    from cnnstudy import predict
 
     info = read_json(train_info)
     runtime.set_precision(info["precision"])
-    net = keras.saving.load_model(model, compile=False)
+    net = keras.saving.load_model(model, compile=False, safe_mode=True)  # no arbitrary code from the file
     with np.load(data) as arrays:
-        x_test, labels = arrays["x_test"], arrays["labels_test"]
+        splits = {split: (arrays[f"x_{split}"], arrays[f"labels_{split}"]) for split in ("val", "test")}
         class_names = [str(c) for c in arrays["class_names"]]
 
-    start = time.perf_counter()
-    probs, plain = predict_views(net, x_test, batch_size, tta)
-    seconds = time.perf_counter() - start
-    test = classification_metrics(labels, probs, class_names)
-    if tta != "none":
-        test["accuracy_without_tta"] = skm.accuracy_score(labels, plain.argmax(axis=1))
+    results, seconds = {}, 0.0
+    for split, (x, labels) in splits.items():
+        start = time.perf_counter()
+        probs, plain = predict.predict_views(net, x, tta)
+        seconds += time.perf_counter() - start
+        results[split] = classification_metrics(labels, probs, class_names, detail=split == "test")
+        if tta != "none":
+            results[split]["accuracy_without_tta"] = skm.accuracy_score(labels, plain.argmax(axis=1))
+        if split == "test":
+            test_probs, test_labels = probs, labels
 
     hist = pd.read_csv(history)
-    kept = info["kept_epoch"]
+    kept, last = info["kept_epoch"], int(hist["epoch"].iloc[-1])
+    speeds = hist["images_per_s"].iloc[1:] if len(hist) > 1 else hist["images_per_s"]  # epoch 1 includes tracing
     result = {
         "model": info["model"],
         "seed": info["seed"],
-        "test": test,
+        "test": results["test"],
+        "val": results["val"],
         "kept_epoch": {"epoch": kept, **history_row(hist, kept)},
-        "last_epoch": {"epoch": int(hist["epoch"].iloc[-1]), **history_row(hist, int(hist["epoch"].iloc[-1]))},
+        "last_epoch": {"epoch": last, **history_row(hist, last)},
         "epochs_run": int(len(hist)),
         "epochs_requested": info["epochs_requested"],
         "stopped_early": info["stopped_early"],
         "train_seconds": info["train_seconds"],
-        "train_images_per_s": float(hist["images_per_s"].iloc[1:].median() if len(hist) > 1 else hist["images_per_s"].iloc[0]),
+        "train_images_per_s": float(speeds.median()),
         "params": net.count_params(),
         "layers": len(net.layers),
         "tta": tta,
-        "eval_images_per_s": len(x_test) * TTA_VIEWS[tta] / seconds,
-        "n_test": int(len(labels)),
-        "provenance": provenance.collect(info, read_json(manifest), eval_threads=intra),
+        "eval_images_per_s": sum(len(x) for x, _ in splits.values()) * predict.TTA_VIEWS[tta] / seconds,
+        "n_val": int(len(splits["val"][1])),
+        "n_test": int(len(test_labels)),
+        "provenance": {
+            "seed": info["seed"],
+            "spec_hash": info["spec_hash"],
+            "device": info["device"],
+            "precision": info["precision"],
+            "threads": info["threads"],
+            "data": _data_provenance(read_json(manifest)),
+            "training": info.get("provenance", {}),
+            "evaluation": provenance.record("evaluate.py", threads=intra),
+        },
     }
-    if "test_accuracy" in hist:  # entries with time_to_accuracy: test accuracy after each epoch
+    if "test_accuracy" in hist:  # entries with time_to_accuracy: the evaluated model's test accuracy per epoch
         result["time_to_accuracy"] = [
-            {"epoch": int(e), "train_seconds": float(s), "test_accuracy": float(a)}
+            {"epoch": int(e), "train_seconds": float(s), "images": int(e) * info["n_train"], "test_accuracy": float(a)}
             for e, s, a in zip(hist["epoch"], hist["epoch_time"].cumsum(), hist["test_accuracy"])
         ]
     with atomic_path(probs_out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, probs=probs.astype(np.float32), labels=labels, class_names=np.array(class_names))
+        np.savez(fh, probs=test_probs.astype(np.float32), labels=test_labels, class_names=np.array(class_names))
     write_json(metrics_out, result)
     log.info(
-        "%s seed %d: test accuracy %.4f, loss %.4f, macro F1 %.4f (%d images, %.0f img/s)",
-        result["model"], result["seed"], test["accuracy"], test["loss"], test["f1_macro"], len(labels),
-        result["eval_images_per_s"],
+        "%s seed %d: test accuracy %.4f, loss %.4f, macro F1 %.4f; validation accuracy %.4f (%.0f img/s)",
+        result["model"], result["seed"], results["test"]["accuracy"], results["test"]["loss"],
+        results["test"]["f1_macro"], results["val"]["accuracy"], result["eval_images_per_s"],
     )  # fmt: skip
     return result
 
@@ -163,9 +156,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("data", "manifest", "model", "history", "train-info", "metrics-out", "probs-out"):
         p.add_argument(f"--{name}", required=True)
-    p.add_argument("--tta", default="none", choices=sorted(TTA_VIEWS))
+    p.add_argument("--tta", default="none", choices=["none", "flip", "flip_translate"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=500)
     return p
 
 

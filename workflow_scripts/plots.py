@@ -35,7 +35,9 @@ def _save(fig, path: Path) -> None:
 
 def learning_curve(history: pd.DataFrame, title: str, path: Path, kept_epoch: int | None = None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), gridspec_kw={"wspace": 0.3})
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    # Cross-entropy without label smoothing where recorded: train and validation measured alike.
+    loss = "cross_entropy" if "cross_entropy" in history else "loss"
+    for ax, metric in zip(axes, (loss, "accuracy")):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.plot(history["epoch"], history[metric], marker=".", label="train")
         ax.plot(history["epoch"], history[f"val_{metric}"], marker=".", label="validation")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from cnnstudy import cli
+from cnnstudy import cli, provenance
 from cnnstudy.io import atomic_path, read_json
 
 log = logging.getLogger("cnnstudy.report")
@@ -31,10 +31,10 @@ FORMATS = ("md", "csv", "tex", "html")
 
 # Per-seed quantities: column label, how to read it from a metrics file, digits.
 QUANTITIES = {
-    "accuracy": ("Accuracy", lambda m: m["kept_epoch"]["accuracy"], 4),
-    "loss": ("Loss", lambda m: m["kept_epoch"]["loss"], 4),
-    "val_accuracy": ("Val. accuracy", lambda m: m["kept_epoch"]["val_accuracy"], 4),
-    "val_loss": ("Val. loss", lambda m: m["kept_epoch"]["val_loss"], 4),
+    "accuracy": ("Train accuracy", lambda m: m["kept_epoch"]["accuracy"], 4),
+    "loss": ("Train loss", lambda m: m["kept_epoch"]["cross_entropy"], 4),
+    "val_accuracy": ("Val. accuracy", lambda m: m["val"]["accuracy"], 4),
+    "val_loss": ("Val. loss", lambda m: m["val"]["loss"], 4),
     "test_accuracy": ("Test accuracy", lambda m: m["test"]["accuracy"], 4),
     "test_loss": ("Test loss", lambda m: m["test"]["loss"], 4),
     "f1_macro": ("Test macro F1", lambda m: m["test"]["f1_macro"], 4),
@@ -52,34 +52,44 @@ TITLES = {
     2: "Table 2 - Transfer learning",
     3: "Table 3 - The models: what changes from rung to rung",
 }
-OWN_KEYS = ("name", "base", "note", "published", "table")
+OWN_KEYS = ("name", "base", "note", "published", "table", "seeds")
+STALE = "†"
 FOOTNOTE = (
-    "Accuracy, loss, val. accuracy and val. loss are Keras' training history at the kept epoch "
-    "(the best validation loss when early stopping restores weights, else the last); train "
-    "accuracy is measured with dropout and augmentation active. Our validation set is a stratified "
-    "10 % of the training images; the study validated on the CIFAR-10 test set. Test columns are "
-    "our untouched test set (scikit-learn). Values are mean ± standard deviation over n seeds; "
-    "the study reported single runs. '(study)' columns are the study's published numbers. "
-    "Time-to-accuracy columns (models that record test accuracy after each epoch, without TTA or "
-    "weight averaging, and the final evaluated model at the end of training) give the training "
-    "seconds until the test accuracy first reached the target; blank where it never did or was "
-    "not recorded."
+    "Train accuracy and train loss: Keras' running means over the batches of the kept epoch (the "
+    "best validation loss when early stopping restores weights, else the last), in training mode "
+    "(augmentation and dropout active, raw weights), as the study's numbers were measured; the loss "
+    "is categorical cross-entropy without label smoothing. Val. and test columns: the final model "
+    "as evaluated (its weight average where the entry keeps one, its test-time augmentation where it "
+    "has one) on our validation split (a stratified 10 % of the training images, also the one early "
+    "stopping watches) and on the untouched CIFAR-10 test set: accuracy, and the categorical "
+    "cross-entropy (scikit-learn log loss, no label smoothing) of the same probabilities. The study "
+    "validated on the test set; its '(study)' columns are its published numbers, its loss Keras' "
+    "training loss. Values are mean ± standard deviation over n seeds; the study reported single "
+    "runs. Time-to-accuracy columns (models that record it): training seconds, validation excluded, "
+    "until the model as evaluated, measured after every epoch, first reached the target test "
+    "accuracy; blank where it never did. "
+    f"{STALE} after a model name: trained by code that differs from the current code (its training "
+    "code hash, in the provenance table); rerun it before citing the number."
 )
 
 
 def time_to(metrics: dict, target: float) -> float:
-    """Training seconds until the test accuracy first reached ``target``; NaN if never.
+    """Training seconds until the evaluated model's test accuracy first reached ``target``; NaN if never.
 
-    The points are the per-epoch test accuracies (raw weights, no TTA) and, at the end of
-    training, the evaluated model's (with its weight average and TTA).
+    One kind of point throughout: the model as it is evaluated (weight average, TTA), after
+    every epoch; the last point is the final model.
     """
-    points = metrics.get("time_to_accuracy") or []
-    if points:
-        points = [*points, {"train_seconds": metrics["train_seconds"], "test_accuracy": metrics["test"]["accuracy"]}]
-    for point in points:
+    for point in metrics.get("time_to_accuracy") or []:
         if point["test_accuracy"] >= target:
             return point["train_seconds"]
     return float("nan")
+
+
+CURRENT_CODE = provenance.code_hash("train.py")
+
+
+def _code(metrics: dict) -> dict:
+    return (metrics.get("provenance") or {}).get("training") or {}
 
 
 def per_seed(metrics_files: list[str]) -> pd.DataFrame:
@@ -95,6 +105,7 @@ def per_seed(metrics_files: list[str]) -> pd.DataFrame:
                 "params": m["params"],
                 "layers": m["layers"],
                 "provenance": m.get("provenance", {}),
+                "stale": _code(m).get("code_hash") != CURRENT_CODE,
             }
         )
     return pd.DataFrame(rows)
@@ -106,6 +117,7 @@ def aggregate(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     stats = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1)}, axis=1)
     stats.columns = [f"{q}_{stat}" for stat, q in stats.columns]
     stats["n"] = runs.groupby("model")["seed"].nunique()
+    stats["stale"] = runs.groupby("model")["stale"].any()
     return stats.reindex([m for m in order if m in stats.index])
 
 
@@ -121,8 +133,8 @@ def build_table(stats: pd.DataFrame, models: dict) -> tuple[pd.DataFrame, pd.Dat
     display, numeric = [], []
     for name, row in stats.iterrows():
         published = models[name].get("published") or {}
-        shown = {"Model": name, "Change": models[name].get("note", "")}
-        values = {"model": name, "note": models[name].get("note", ""), "n": int(row["n"])}
+        shown = {"Model": name + (f" {STALE}" if row["stale"] else ""), "Change": models[name].get("note", "")}
+        values = {"model": name, "note": models[name].get("note", ""), "n": int(row["n"]), "trained_by_other_code": bool(row["stale"])}
         for key, (label, _, digits) in QUANTITIES.items():
             if key in OPTIONAL and not any(models[n].get("time_to_accuracy") for n in stats.index):
                 continue
@@ -287,21 +299,25 @@ def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, run in runs.iterrows():
         p = run["provenance"]
+        trained = p.get("training") or {}
+        packages = trained.get("packages") or {}
         device = p.get("device") or {}
+        commit = trained.get("git_commit") or ""
         rows.append(
             {
                 "Model": run["model"],
                 "Seed": run["seed"],
                 "Device": f"{device.get('kind', '')} {device.get('name', '')}".strip(),
                 "Precision": p.get("precision"),
-                "TensorFlow": p.get("packages", {}).get("tensorflow"),
-                "Keras": p.get("packages", {}).get("keras"),
-                "NumPy": p.get("packages", {}).get("numpy"),
-                "scikit-learn": p.get("packages", {}).get("scikit-learn"),
-                "Snakemake": p.get("packages", {}).get("snakemake"),
+                "Threads": (p.get("threads") or {}).get("intra_op"),
+                "TensorFlow": packages.get("tensorflow"),
+                "Keras": packages.get("keras"),
+                "NumPy": packages.get("numpy"),
                 "Config hash": p.get("spec_hash"),
                 "Data md5": (p.get("data") or {}).get("npz_md5"),
-                "Git commit": (p.get("git_commit") or "")[:12] + ("-dirty" if str(p.get("git_commit")).endswith("-dirty") else ""),
+                "Trained at commit": commit[:12] + ("-dirty" if trained.get("git_dirty") else ""),
+                "Training code": trained.get("code_hash"),
+                "Code now": "differs " + STALE if run["stale"] else "same",
             }
         )
     return pd.DataFrame(rows)
@@ -348,7 +364,7 @@ def main(
     write_table(display, numeric, Path(outdir) / "table3", TITLES[3], TABLE3_NOTE)
     result[3] = numeric
     prov = provenance_table(runs)
-    write_table(prov, prov, Path(outdir) / "provenance", "Provenance of every result", "One row per model and seed, from its metrics file.")  # fmt: skip
+    write_table(prov, prov, Path(outdir) / "provenance", "Provenance of every result", "One row per model and seed, from its metrics file. Training code: hash of train.py and the cnnstudy package when the model was trained; Code now: whether the current code hashes the same.")  # fmt: skip
     bench = benchmark_table(list(benchmarks), benchmark_root)
     write_table(bench, bench, Path(outdir) / "benchmarks", "Benchmarks: wall time and peak memory per job", "From Snakemake's benchmark: files (max_rss is the peak resident memory).")  # fmt: skip
     log.info("table 3, provenance (%d runs) and benchmarks (%d jobs) written", len(prov), len(bench))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import numpy as np
+
+from .cli import JobError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_DIR = "cifar-10-batches-py"
@@ -28,10 +31,48 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 
 
+class UnsafePickleError(JobError):
+    """A batch file asks to build something a CIFAR-10 file never holds."""
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dicts, lists, bytes, strings, numbers and NumPy arrays.
+
+    The official files hold a dict of bytes keys, lists of ints, a label string and a
+    uint8 array. Any other global (os.system, builtins.eval, ...) is refused before it can
+    be called, so a replaced file on a shared filesystem cannot run code at preprocessing.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def __init__(self, fh, path):
+        super().__init__(fh, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"{self.path}: refused to unpickle {module}.{name}: a CIFAR-10 batch holds only plain "
+            "data (dicts, lists, bytes, numbers, arrays). The file is not an official CIFAR-10 file."
+        )
+
+
+def load_pickle(path: str | Path):
+    """The data in a CIFAR-10 pickle file, through the data-only unpickler."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return _DataOnlyUnpickler(io.BytesIO(data), path).load()
+
+
 def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Images as uint8 NHWC (N, 32, 32, 3) and integer labels of one batch file."""
-    with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
+    batch = load_pickle(path)
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
@@ -41,6 +82,5 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    with open(path, "rb") as fh:
-        meta = pickle.load(fh, encoding="bytes")
+    meta = load_pickle(path)
     return [name.decode() for name in meta[b"label_names"]]

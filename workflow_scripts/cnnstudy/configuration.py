@@ -18,8 +18,9 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
-# Keys that describe one entry and are never inherited through `base:`.
-OWN_KEYS = ("name", "base", "note", "published")
+# Keys that describe one entry and are never inherited through `base:` (a rung run with three
+# seeds does not make the next rung run three).
+OWN_KEYS = ("name", "base", "note", "published", "seeds")
 
 
 class ConfigError(ValueError):
@@ -90,13 +91,57 @@ def _set_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+def _scalar(text: str) -> Any:
+    """A command-line string as the YAML value it spells, numbers like ``1e-3`` included
+    (YAML 1.1, which PyYAML follows, reads those as strings)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return text
+    return value
+
+
+def coerce_strings(instance: dict, schema: dict) -> dict:
+    """Turn strings into numbers, booleans or null where the schema wants those, in place.
+
+    Snakemake's ``--config key={nested: 2}`` passes nested values (and list items) on as
+    strings; so does YAML for ``1e-3``. A string is replaced only where it fails a type
+    check and reads as a non-string value; whatever still fails is reported by validate().
+    """
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    for _ in range(100):  # each round fixes every reported value; nesting needs a few rounds
+        fixed = 0
+        for error in validator.iter_errors(instance):
+            if error.validator not in ("type", "oneOf", "anyOf") or not isinstance(error.instance, str):
+                continue
+            value = _scalar(error.instance)
+            if isinstance(value, str) or not error.absolute_path:
+                continue
+            *parents, last = error.absolute_path
+            node = instance
+            for key in parents:
+                node = node[key]
+            node[last] = value
+            fixed += 1
+        if not fixed:
+            break
+    return instance
+
+
 def validate(instance: dict, schema: dict, what: str = "config", fill_defaults: bool = True) -> dict:
     """Validate ``instance`` against ``schema``; raise ConfigError listing every problem.
 
+    Command-line strings that spell numbers are read as numbers first (coerce_strings).
     With ``fill_defaults`` the instance is completed in place with the schema's defaults.
     """
     base = jsonschema.validators.validator_for(schema)
     base.check_schema(schema)
+    coerce_strings(instance, schema)
     errors = sorted(
         (e for e in base(schema).iter_errors(instance) if not _is_echo(e, schema)),
         key=lambda e: list(map(str, e.absolute_path)),
@@ -156,6 +201,7 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
             spec["base"] = entry["base"]
         spec = apply_overrides(spec, config.get("model_overrides") or {})
         spec.setdefault("table", 1)
+        spec.setdefault("seeds", list(config.get("seeds") or [0]))
         resolved[name] = spec
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

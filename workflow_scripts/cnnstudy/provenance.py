@@ -1,13 +1,15 @@
-"""Provenance recorded with every metrics file: what produced this number."""
+"""Provenance: what produced a number (code, packages, machine), recorded by the job that made it."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parents[1]  # workflow_scripts/
+REPO = SCRIPTS.parent
 PACKAGES = ("tensorflow", "keras", "numpy", "scikit-learn", "pandas", "snakemake")
 
 
@@ -21,38 +23,41 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
     return versions
 
 
-def git_commit(repo: Path = REPO) -> str | None:
-    """HEAD of the workflow's checkout, with '-dirty' if tracked files were modified."""
+def git_state(repo: Path = REPO) -> dict:
+    """HEAD of the workflow's checkout and whether tracked files differ from it (None outside git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=10
         )
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"commit": None, "dirty": None}
 
 
-def collect(train_info: dict, data_manifest: dict, **extra) -> dict:
+def code_hash(script: str) -> str:
+    """SHA-256 (16 hex digits) of the code a job runs: its script and the shared cnnstudy package.
+
+    Content only (paths relative to workflow_scripts/), so the same code hashes the same in
+    any checkout, and any change to what trains, however small, changes the hash.
+    """
+    digest = hashlib.sha256()
+    for path in sorted([SCRIPTS / script, *(SCRIPTS / "cnnstudy").glob("*.py")]):
+        digest.update(path.relative_to(SCRIPTS).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def record(script: str, **extra) -> dict:
+    """What a job records about itself: code (commit, dirty, code hash), packages, machine."""
+    git = git_state()
     return {
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "code_hash": code_hash(script),
         "packages": package_versions(),
         "python": platform.python_version(),
-        "device": train_info.get("device"),
-        "precision": train_info.get("precision"),
-        "threads": train_info.get("threads"),
-        "seed": train_info.get("seed"),
-        "spec_hash": train_info.get("spec_hash"),
-        "data": {
-            "npz_md5": data_manifest.get("md5"),
-            "raw_md5": data_manifest.get("raw_md5"),
-            "counts": data_manifest.get("counts"),
-            "val_fraction": data_manifest.get("val_fraction"),
-            "split_seed": data_manifest.get("split_seed"),
-            "subset": data_manifest.get("subset"),
-        },
-        "git_commit": git_commit(),
         "host": platform.node(),
         **extra,
     }

@@ -19,6 +19,11 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def allotted_threads(threads: int) -> int:
+    """The job's Snakemake ``threads``, never more than the CPUs it may use."""
+    return max(1, min(int(threads), available_cpus()))
+
+
 def configure_threads(threads: int) -> tuple[int, int]:
     """Give TensorFlow the job's Snakemake `threads`, never more than the CPUs it may use.
 
@@ -28,7 +33,7 @@ def configure_threads(threads: int) -> tuple[int, int]:
     """
     import tensorflow as tf
 
-    intra = max(1, min(int(threads), available_cpus()))
+    intra = allotted_threads(threads)
     inter = 1
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
@@ -59,20 +64,46 @@ def cpu_info() -> tuple[str, set[str]]:
     return name, flags
 
 
-def setup_device() -> dict:
+GPU_FIX = (
+    "install TensorFlow's GPU build (`make run GPU=1`, i.e. pip install -r requirements-gpu.txt; "
+    "with --sdm conda: --config tensorflow_build=gpu), or set require_gpu: false to train on the CPU"
+)
+
+
+def nvidia_gpus_present() -> bool:
+    """Whether this machine has an NVIDIA GPU with its driver loaded, whatever TensorFlow sees."""
+    import glob
+
+    return bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def setup_device(require_gpu: str = "auto", deterministic_ops: bool = True) -> dict:
     """Use the GPUs TensorFlow sees (it honours CUDA_VISIBLE_DEVICES), with memory growth.
 
+    require_gpu: true fails unless TensorFlow sees a GPU; auto fails when the machine has an
+    NVIDIA GPU that TensorFlow cannot see (CPU-only TensorFlow installed: training would run
+    on the CPU, silently and far slower); false never fails. The error says how to fix it.
+    On GPUs, deterministic_ops turns on TensorFlow's op determinism, so the same seed gives
+    the same numbers there too (slower; CPU kernels used here are deterministic already).
     Returns a description for logs and provenance.
     """
     import tensorflow as tf
 
+    from .cli import JobError
+
     gpus = tf.config.list_physical_devices("GPU")
+    if not gpus and (require_gpu == "true" or (require_gpu == "auto" and nvidia_gpus_present())):
+        why = "this machine has an NVIDIA GPU but" if require_gpu == "auto" else "require_gpu is true but"
+        raise JobError(f"{why} TensorFlow sees no GPU (tensorflow {tf.__version__}, CPU-only build?): {GPU_FIX}")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+    if gpus and deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
     info: dict = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if gpus:
         details = [tf.config.experimental.get_device_details(gpu) for gpu in gpus]
         info.update(
+            deterministic_ops=deterministic_ops,
             kind="GPU",
             name=details[0].get("device_name", gpus[0].name),
             count=len(gpus),

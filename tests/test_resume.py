@@ -1,0 +1,258 @@
+"""Exact resume: a training job killed at any moment and rerun equals one never interrupted.
+
+The resume matrix runs each kind of entry once straight through (the reference) and once
+killed with SIGKILL at a given point, then rerun; history (all but wall-clock columns), kept
+epoch, saved weights and test metrics must be bit-identical. The state directory's own rules
+(sealed checkpoints, checksums, clean-up) are tested without TensorFlow first.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import train
+from cnnstudy import checkpoint, predict, training
+
+from conftest import SCRIPTS, saved_epoch, wait_for_epoch
+
+# ---- the state directory ------------------------------------------------------------------
+
+
+def _seal(state: checkpoint.TrainingState, phase: int, epoch: int, payload: bytes = b"weights") -> Path:
+    tmp = state.begin(phase, epoch)
+    (tmp / "model.weights.h5").write_bytes(payload * 100)
+    return state.commit(tmp, phase, epoch, {"history": [{"epoch": epoch}]}).path
+
+
+def test_checkpoints_are_sealed_units_and_only_the_two_newest_are_kept(tmp_path):
+    state = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    for epoch in (1, 2, 3):
+        _seal(state, 1, epoch)
+    assert [p.name for *_, p in state.checkpoints()] == ["p1-e0002", "p1-e0003"]
+    again = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    assert again.latest.epoch == 3 and again.latest.state["history"] == [{"epoch": 3}]
+    assert set(again.latest.state["files"]) == {"model.weights.h5"}
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, caplog):
+    state = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    _seal(state, 1, 1)
+    newest = _seal(state, 1, 2)
+    with open(newest / "model.weights.h5", "r+b") as fh:  # a kill or a disk error mid-write
+        fh.truncate(10)
+    (tmp_path / "s" / ".tmp-p1-e0003-99").mkdir()  # a checkpoint whose writing was interrupted
+    with caplog.at_level(logging.WARNING, logger="cnnstudy.checkpoint"):
+        again = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    assert again.latest.epoch == 1
+    assert "p1-e0002 is unreadable (model.weights.h5: checksum mismatch" in caplog.text and "set aside" in caplog.text
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names[:3] == ["job.json", "p1-e0001", "p1-e0002.unreadable-" + names[2].split("unreadable-")[1]]
+    assert not any(n.startswith(".tmp-") for n in names)
+    # The set-aside checkpoint is never retried: the next start resumes from the same one.
+    assert checkpoint.TrainingState(tmp_path / "s", {"job": 1}).latest.epoch == 1
+
+
+def test_state_of_another_job_is_discarded_and_settings_are_kept(tmp_path):
+    state = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    assert state.keep("threads", 2) == 2
+    _seal(state, 1, 1)
+    resumed = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    assert resumed.keep("threads", 1) == 2  # a resumed job keeps its thread count
+    other = checkpoint.TrainingState(tmp_path / "s", {"job": 2})
+    assert other.latest is None and other.keep("threads", 1) == 1
+
+
+def test_removal_survives_a_kill_halfway(tmp_path):
+    state = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    _seal(state, 1, 1)
+    leftover = tmp_path / "s.deleting-4242"  # a removal killed after its rename
+    (leftover / "p1-e0001").mkdir(parents=True)
+    state.remove()
+    assert not (tmp_path / "s").exists()
+    fresh = checkpoint.TrainingState(tmp_path / "s", {"job": 1})
+    assert fresh.latest is None and not leftover.exists()
+
+
+# ---- random layers and weight averages ----------------------------------------------------
+
+
+def test_random_layer_states_depend_on_seed_and_epoch_only(ladder_specs):
+    from cnnstudy import models
+
+    model = models.build_model(ladder_specs["model_10"])  # translation, rotation, 2 Dropout layers
+    states = training.seed_states(model)
+    assert len(states) == 4
+    callback = training.EpochSeeds(seed=3)
+    callback.set_model(model)
+    callback.on_epoch_begin(4)
+    first = [keras.ops.convert_to_numpy(s).tolist() for s in states]
+    for state in states:  # what a process that already ran other epochs would hold
+        state.assign(np.array([123, 456]).astype(state.dtype))
+    callback.on_epoch_begin(4)
+    assert [keras.ops.convert_to_numpy(s).tolist() for s in states] == first
+    callback.on_epoch_begin(5)
+    assert [keras.ops.convert_to_numpy(s).tolist() for s in states] != first
+    assert len({tuple(f) for f in first}) == 4  # each layer its own stream
+
+
+def test_evaluated_weights_swap_in_the_average_and_restore_exactly():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5), loss="mse")
+    for _ in range(3):  # train_on_batch: no end of fit, so the averages are not copied into the weights
+        model.train_on_batch(np.ones((8, 3), "float32"), np.zeros((8, 2), "float32"))
+    # Fails loudly if Keras renames the private attributes the averages live in.
+    pairs = predict.ema_pairs(model.optimizer)
+    assert len(pairs) == 2
+    raw = [v.numpy().copy() for v, _ in pairs]
+    averages = [a.numpy().copy() for _, a in pairs]
+    assert not all(np.array_equal(r, a) for r, a in zip(raw, averages))
+    with predict.evaluated_weights(model):
+        assert all(np.array_equal(v.numpy(), a) for (v, _), a in zip(pairs, averages))
+    assert all(np.array_equal(v.numpy(), r) for (v, _), r in zip(pairs, raw))
+    assert predict.ema_pairs(keras.optimizers.SGD()) == []
+
+
+# ---- the resume matrix --------------------------------------------------------------------
+
+
+def _entry(ladder_specs, name, **changes):
+    spec = copy.deepcopy(ladder_specs[name])
+    for key, value in changes.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+    return spec
+
+
+def _kinds(ladder_specs):
+    return {
+        "plain": _entry(ladder_specs, "model_03", epochs=4, batch_size=64),
+        "early stopping": _entry(ladder_specs, "model_06", epochs=8, batch_size=64,
+                                 early_stopping={"patience": 1, "min_delta": 0.02}),
+        "two-phase": _entry(ladder_specs, "model_13", epochs=2, batch_size=64,
+                            backbone={"weights": "none", "fine_tune": {"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5}}),
+        "EMA + schedule": _entry(ladder_specs, "model_17", epochs=3, batch_size=100, time_to_accuracy=True,
+                                 optimizer={"ema_momentum": 0.5}),
+    }  # fmt: skip
+
+
+def _outs(root: Path) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    return {"model_out": str(root / "model.keras"), "history_out": str(root / "history.csv"),
+            "info_out": str(root / "info.json"), "state_dir": str(root / "state")}  # fmt: skip
+
+
+def _cli(data, spec_file, outs) -> list[str]:
+    args = [sys.executable, str(SCRIPTS / "train.py"), "--data", str(data), "--spec", str(spec_file), "--seed", "1", "--threads", "2"]
+    return args + [f"--{k.replace('_', '-')}={v}" for k, v in outs.items()]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_data, ladder_specs, tmp_path_factory):
+    """Each kind of entry trained once, uninterrupted, in a process of its own."""
+    root = tmp_path_factory.mktemp("references")
+    result = {}
+    for kind, spec in _kinds(ladder_specs).items():
+        spec_file = root / f"{kind}.json"
+        spec_file.write_text(json.dumps(spec))
+        outs = _outs(root / kind.replace(" ", "_"))
+        subprocess.run(_cli(tiny_data, spec_file, outs), check=True, capture_output=True, timeout=600)
+        result[kind] = (spec_file, outs)
+    return result
+
+
+def _kill_after(data, spec_file, outs, epoch: int) -> None:
+    with open(Path(outs["state_dir"]).parent / "killed.log", "w") as log:
+        proc = subprocess.Popen(_cli(data, spec_file, outs), stdout=log, stderr=subprocess.STDOUT)
+    wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=600)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way through the next epoch, as a preemption would
+    proc.wait()
+    assert saved_epoch(Path(outs["state_dir"])) >= epoch and not Path(outs["model_out"]).exists()
+
+
+def _rerun(data, spec_file, outs) -> str:
+    proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def _evaluate(data, outs, tta) -> dict:
+    root = Path(outs["model_out"]).parent
+    metrics = evaluate.main(str(data), str(data.with_suffix(".json")), outs["model_out"], outs["history_out"],
+                            outs["info_out"], str(root / "metrics.json"), str(root / "probs.npz"), tta=tta)  # fmt: skip
+    return {split: metrics[split] for split in ("val", "test")}
+
+
+def assert_identical(data, reference: dict, resumed: dict, tta: str) -> None:
+    columns = lambda h: h.drop(columns=list(train.TIMING_COLUMNS))  # noqa: E731
+    expected, got = pd.read_csv(reference["history_out"]), pd.read_csv(resumed["history_out"])
+    pd.testing.assert_frame_equal(columns(got), columns(expected), check_exact=True)
+    info = [json.loads(Path(o["info_out"]).read_text()) for o in (reference, resumed)]
+    assert info[1]["kept_epoch"] == info[0]["kept_epoch"] and info[1]["stopped_early"] == info[0]["stopped_early"]
+    weights = [keras.saving.load_model(o["model_out"]).get_weights() for o in (reference, resumed)]
+    assert len(weights[0]) == len(weights[1])
+    assert all(np.array_equal(a, b) for a, b in zip(*weights)), "saved weights differ"
+    assert _evaluate(data, resumed, tta) == _evaluate(data, reference, tta)
+    assert not Path(resumed["state_dir"]).exists()
+
+
+MATRIX = [
+    ("plain", "after epoch 2, mid-epoch 3", 2),
+    ("early stopping", "after epoch 2, mid-epoch 3", 2),
+    ("early stopping", "while writing checkpoint 3 (newest truncated)", 3),
+    ("early stopping", "after the stop, before the outputs", None),
+    ("two-phase", "in phase 2, after epoch 3", 3),
+    ("EMA + schedule", "after epoch 1, mid-epoch 2", 1),
+    ("EMA + schedule", "after the last epoch, before the outputs", None),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "point", "epoch"), MATRIX, ids=[f"{k}: {p}" for k, p, _ in MATRIX])
+def test_a_killed_job_resumes_bit_identically(kind, point, epoch, references, tiny_data, tmp_path):
+    spec_file, reference = references[kind]
+    spec = json.loads(spec_file.read_text())
+    outs = _outs(tmp_path)
+    if epoch is None:
+        # Training ends, then the job dies before its outputs exist: here the model cannot be
+        # written (its folder is a file), which leaves the state exactly as such a kill would.
+        blocked = {**outs, "model_out": str(tmp_path / "blocker" / "model.keras")}
+        (tmp_path / "blocker").write_text("not a folder")
+        proc = subprocess.run(_cli(tiny_data, spec_file, blocked), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0
+    else:
+        _kill_after(tiny_data, spec_file, outs, epoch)
+    if "truncated" in point:
+        newest = max(Path(outs["state_dir"]).glob("p*-e*"))
+        with open(newest / "model.weights.h5", "r+b") as fh:
+            fh.truncate(1000)
+    log = _rerun(tiny_data, spec_file, outs)
+    assert "resuming after epoch" in log
+    if "truncated" in point:
+        assert "is unreadable" in log and "set aside" in log
+    reference_info = json.loads(Path(reference["info_out"]).read_text())
+    if kind == "early stopping":
+        assert reference_info["stopped_early"], "the reference run must stop early for this case to mean anything"
+    assert_identical(tiny_data, reference, outs, spec.get("tta", "none"))
+
+
+@pytest.mark.slow
+def test_same_seed_same_run_other_seed_other_run(tiny_data, ladder_specs, tmp_path):
+    spec = _entry(ladder_specs, "model_09", epochs=2, batch_size=64)  # shuffle, augmentation, dropout
+    runs = {}
+    for label, seed in (("a", 0), ("b", 0), ("c", 1)):
+        outs = _outs(tmp_path / label)
+        train.main(str(tiny_data), spec, **outs, seed=seed, threads=2)
+        runs[label] = pd.read_csv(outs["history_out"]).drop(columns=list(train.TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(runs["a"], runs["b"], check_exact=True)
+    assert not runs["a"]["loss"].equals(runs["c"]["loss"])

@@ -1,0 +1,226 @@
+"""Fitting a model entry, phase by phase, with exact resume.
+
+Keras' BackupAndRestore saves weights, BatchNorm statistics and optimizer variables (step,
+momentum, EMA). For a resumed job to repeat an uninterrupted one bit for bit, the rest must
+not depend on how many epochs this process has run:
+
+- the order of the training images: drawn per epoch from (seed, epoch) (pipeline.epoch_order);
+- the random layers (augmentation, Dropout): their seed states are set at the start of every
+  epoch from (seed, epoch, layer) (EpochSeeds);
+- EarlyStopping's counters and best weights, and the history rows: saved with each checkpoint
+  (ResumableEarlyStopping, ExactBackupAndRestore), which is written as one sealed unit
+  (checkpoint.TrainingState).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import keras
+import numpy as np
+
+from . import models, pipeline, predict
+from .checkpoint import Checkpoint, TrainingState
+
+log = logging.getLogger("cnnstudy.train")
+
+SEED_STATE = "seed_generator_state"  # the variable name keras.random.SeedGenerator gives its state
+
+
+def seed_states(model: keras.Model) -> list:
+    """The state variables of every keras.random.SeedGenerator in the model, in layer order."""
+    return [v for v in model.variables if v.name == SEED_STATE]
+
+
+def epoch_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """At the start of epoch e, random layer i draws from seed state (f(seed, e, i), 0)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for index, state in enumerate(seed_states(self.model)):
+            state.assign(np.array([epoch_seed(self.seed, epoch, index), 0]).astype(state.dtype))
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Adds learning rate, phase, epoch time and throughput to the logs; one progress line per epoch."""
+
+    def __init__(self, n_train: int, total_epochs: int, phase: int):
+        super().__init__()
+        self.n_train, self.total_epochs, self.phase = n_train, total_epochs, phase
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0, self.t_val = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if getattr(self, "t0", None) is not None and self.t_val is None:
+            self.t_val = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["epoch_time"] = now - self.t0
+        logs["images_per_s"] = self.n_train / ((self.t_val or now) - self.t0)
+        logs["phase"] = self.phase
+        log.info(
+            "epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  lr %.3g  %.1f s  %.0f img/s",
+            epoch + 1, self.total_epochs, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
+            logs.get("val_loss", math.nan), logs.get("val_accuracy", math.nan),
+            logs["learning_rate"], logs["epoch_time"], logs["images_per_s"],
+        )  # fmt: skip
+
+
+class EvaluatedAccuracy(keras.callbacks.Callback):
+    """Test accuracy after every epoch of the model as it would be evaluated (its weight
+    average, its test-time augmentation), for the time-to-accuracy columns.
+
+    Recorded only: early stopping and model selection never see it. Placed after EpochLogger,
+    so epoch_time excludes it.
+    """
+
+    def __init__(self, x_test: np.ndarray, labels: np.ndarray, tta: str):
+        super().__init__()
+        self.x_test, self.labels, self.tta = x_test, labels, tta
+
+    def on_epoch_end(self, epoch, logs=None):
+        with predict.evaluated_weights(self.model):
+            probs, _ = predict.predict_views(self.model, self.x_test, self.tta)
+        logs["test_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.labels))
+        log.info("epoch %d  test_accuracy %.4f (as evaluated; recorded for time-to-accuracy only)", epoch + 1, logs["test_accuracy"])  # fmt: skip
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' EarlyStopping whose counters and best weights survive a restart."""
+
+    def __init__(self, restored: dict | None = None, best_weights: list | None = None, **kwargs):
+        super().__init__(**{"monitor": "val_loss", **kwargs})
+        self.restored, self.restored_weights = restored, best_weights
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.restored:
+            for key in ("wait", "best", "best_epoch", "stopped_epoch"):
+                setattr(self, key, self.restored[key])
+            self.best_weights = self.restored_weights
+
+    def state(self) -> dict:
+        best = None if self.best is None else float(self.best)
+        return {"wait": int(self.wait), "best": best, "best_epoch": int(self.best_epoch), "stopped_epoch": int(self.stopped_epoch)}  # fmt: skip
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_epoch > 0
+
+
+class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, each epoch written as one sealed checkpoint of ``state``,
+    with what Keras leaves out: the history rows and EarlyStopping's state.
+
+    Keras' own loading restores weights, optimizer variables and the epoch to resume at.
+    Place it last, so the history row it saves has every other callback's additions.
+    """
+
+    WEIGHTS, METADATA, BEST = "model.weights.h5", "training_metadata.json", "best.weights.npz"
+
+    def __init__(self, state: TrainingState, phase: int, rows: list[dict], early: ResumableEarlyStopping | None):
+        super().__init__(backup_dir=str(state.root), delete_checkpoint=False)
+        self.state, self.phase, self.rows, self.early = state, phase, rows, early
+        resume = state.latest if state.latest is not None and state.latest.phase == phase else None
+        source = resume.path if resume else state.root / "nothing-to-restore"
+        self._weights_path, self._training_metadata_path = str(source / self.WEIGHTS), str(source / self.METADATA)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch + 1, **{k: v if isinstance(v, int) else float(v) for k, v in logs.items()}})
+        super().on_epoch_end(epoch, logs)
+
+    def _save_model(self):
+        tmp = self.state.begin(self.phase, self._current_epoch)
+        self._weights_path, self._training_metadata_path = str(tmp / self.WEIGHTS), str(tmp / self.METADATA)
+        super()._save_model()
+        extra = {"history": self.rows, "early_stopping": None}
+        if self.early is not None:
+            extra["early_stopping"] = self.early.state()
+            if self.early.best_weights is not None:
+                with open(tmp / self.BEST, "wb") as fh:
+                    np.savez(fh, *self.early.best_weights)
+        self.state.commit(tmp, self.phase, self._current_epoch, extra)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        # Keras never clears the epoch it restored; a later fit (the next phase) would start there.
+        self.model._initial_epoch = None
+
+
+def _restored_early_stopping(settings: dict, resume: Checkpoint | None) -> ResumableEarlyStopping:
+    saved, weights = (resume.state.get("early_stopping") if resume else None), None
+    if saved and resume.file(ExactBackupAndRestore.BEST).is_file():
+        with np.load(resume.file(ExactBackupAndRestore.BEST)) as npz:
+            weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    return ResumableEarlyStopping(restored=saved, best_weights=weights, **settings)
+
+
+def phases(spec: dict) -> list[dict]:
+    """One spec per training phase: the entry itself, then its fine-tuning phase if any."""
+    result = [spec]
+    fine_tune = (spec.get("backbone") or {}).get("fine_tune")
+    if fine_tune:
+        optimizer = {**spec["optimizer"], "learning_rate": fine_tune["learning_rate"]}
+        result.append({**spec, "epochs": fine_tune["epochs"], "optimizer": optimizer, "unfreeze": fine_tune["unfreeze"]})
+    return result
+
+
+def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, jit, evaluate_on=None) -> dict:
+    """Train ``model`` through every phase of ``spec``, resuming from ``state``'s checkpoint.
+
+    ``train`` and ``val`` are (images, one-hot labels); ``evaluate_on`` (images, labels)
+    records the evaluated test accuracy after every epoch. Returns the history rows, the
+    kept epoch and whether early stopping ended training.
+    """
+    (x, y), steps = train, pipeline.steps_per_epoch(len(train[0]), spec["batch_size"])
+    val_ds = pipeline.eval_dataset(*val, spec["batch_size"])
+    all_phases = phases(spec)
+    total = sum(p["epochs"] for p in all_phases)
+    resume = state.latest
+    rows: list[dict] = list(resume.state["history"]) if resume else []
+    start, early = 0, None
+    for index, phase in enumerate(all_phases, start=1):
+        end = start + phase["epochs"]
+        if resume is not None and resume.phase > index:  # finished before the job was stopped
+            start = end
+            continue
+        here = resume if resume is not None and resume.phase == index else None
+        if "unfreeze" in phase:
+            models.set_backbone_trainable(model, phase["unfreeze"])
+            log.info("phase %d: backbone unfrozen (%s), learning rate %g", index, phase["unfreeze"], phase["optimizer"]["learning_rate"])  # fmt: skip
+        models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=jit)
+        early = _restored_early_stopping(phase["early_stopping"], here) if phase.get("early_stopping") else None
+        first = here.epoch if here else start
+        stopped = bool(here and (here.state.get("early_stopping") or {}).get("stopped_epoch"))
+        # Finished, or stopped early, before the kill: a fit of no epochs restores the
+        # checkpoint and ends as the uninterrupted fit ended (EMA values, best weights).
+        last = first if stopped or first >= end else end
+        callbacks = [EpochSeeds(seed), EpochLogger(len(x), total, index), keras.callbacks.TerminateOnNaN(raise_error=True)]
+        if evaluate_on is not None:
+            callbacks.append(EvaluatedAccuracy(*evaluate_on, spec.get("tta", "none")))
+        callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
+        model.fit(
+            pipeline.train_dataset(x, y, spec["batch_size"], seed, first, last),
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            initial_epoch=first,
+            epochs=last,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset is already in each epoch's order
+            verbose=0,
+        )
+        start = end
+    kept = early.best_epoch + 1 if early is not None and early.best_weights is not None else rows[-1]["epoch"]
+    return {"rows": rows, "kept_epoch": int(kept), "stopped_early": bool(early is not None and early.stopped)}
