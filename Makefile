@@ -7,6 +7,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 DATA ?=
+RESULTS ?= results
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
 GPU ?=
@@ -18,7 +19,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DATA_ARG = $(if $(DATA),--config data_source=$(abspath $(DATA)))
 
-.PHONY: setup run test lint
+.PHONY: setup run test publish lint
 
 $(STAMP): $(REQUIREMENTS) requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ run: setup
 
 test: setup
 	python -m pytest $(PYTEST_ARGS)
+
+# Publish a (finished or running) study run's small outputs into reports/study/, for git.
+publish: setup
+	python workflow_scripts/publish.py --results $(RESULTS) --out reports/study
 
 lint: setup
 	snakemake --lint

@@ -28,4 +28,5 @@ rule all:
     default_target: True
     input:
         rules.report.output,
+        rules.steps.output,
         rules.plots.output,

@@ -93,6 +93,12 @@ rule plots:
             category="Across models",
             labels={"figure": "Validation curves of the ladder"},
         ),
+        ladder=report(
+            f"{RESULTS}/plots/ladder_accuracy.png",
+            caption="../reports/captions/ladder.rst",
+            category="Across models",
+            labels={"figure": "The ladder, study and ours"},
+        ),
         f1=report(
             f"{RESULTS}/plots/f1_heatmap.png",
             caption="../reports/captions/f1_heatmap.rst",
@@ -110,7 +116,43 @@ rule plots:
         " --histories {input.histories:q} --outdir {params.outdir:q} > {log} 2>&1"
 
 
+# Table 4: each rung against the rung it changes, paired tests on the same test images.
+rule steps:
+    input:
+        models=rules.model_info.output[0],
+        metrics=runs(rules.evaluate.output.metrics),
+        probs=runs(rules.evaluate.output.probs),
+        script=script("steps.py"),
+        tables_code=script("report.py"),  # steps.py writes its table with report.py's writer
+    output:
+        tables=[
+            report(
+                f"{REPORTS}/table4.html",
+                caption="../reports/captions/table4.rst",
+                category="Tables",
+                labels={"table": TABLE_TITLES[4]},
+            ),
+            *expand(f"{REPORTS}/table4.{{fmt}}", fmt=("md", "csv", "tex")),
+        ],
+        forest=report(
+            f"{RESULTS}/plots/steps_forest.png",
+            caption="../reports/captions/forest.rst",
+            category="Across models",
+            labels={"figure": "Did each step help?"},
+        ),
+    log:
+        f"{RESULTS}/logs/steps.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        outdir=lambda wildcards, output: os.path.dirname(output.tables[0]),
+    shell:
+        "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
+        " --probs {input.probs:q} --outdir {params.outdir:q} --plot {output.forest:q} > {log} 2>&1"
+
+
 # Regenerate the tables alone (Markdown, CSV, LaTeX, HTML).
 rule tables:
     input:
         rules.report.output,
+        rules.steps.output,

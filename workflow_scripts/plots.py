@@ -87,6 +87,27 @@ def overlay(histories: dict[str, pd.DataFrame], path: Path) -> None:
     _save(fig, path)
 
 
+def ladder(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
+    """The whole ladder at a glance: the study's validation accuracy per rung beside ours
+    (validation and test, mean over seeds)."""
+    names = [n for n in info if info[n].get("table") == 1 and n in metrics]
+    x = np.arange(len(names))
+    study = [(info[n].get("published") or {}).get("val_accuracy") or np.nan for n in names]
+    ours = {split: [np.mean([m[split]["accuracy"] for m in metrics[n]]) for n in names] for split in ("val", "test")}
+    fig, ax = plt.subplots(figsize=(max(6, 0.75 * len(names) + 2), 3.8))
+    for offset, values, label in ((-0.27, study, "study: val. accuracy (its test set)"),
+                                  (0.0, ours["val"], "ours: val. accuracy (held-out 10 %)"),
+                                  (0.27, ours["test"], "ours: test accuracy")):  # fmt: skip
+        ax.bar(x + offset, values, width=0.27, label=label)
+    ax.set_xticks(x, [n.replace("model_", "#") for n in names])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("The ladder: the study's accuracy per rung and ours")
+    _save(fig, path)
+
+
 def f1_heatmap(f1: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(f1) + 1.6))
     image = ax.imshow(f1.values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -124,12 +145,13 @@ def main(models: str, metrics: list[str], histories: list[str], outdir: str) -> 
     first_seed = {n: min(s for (m, s) in by_run if m == n) for n in order}
     table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n].get("table") == 1}
     overlay(table1, out / "ladder_overlay.png")
+    ladder(info, {n: [m for (k, _), (m, _) in by_run.items() if k == n] for n in order}, out / "ladder_accuracy.png")
     f1 = pd.DataFrame(
         {n: np.mean([[c["f1-score"] for c in by_run[(n, s)][0]["test"]["per_class"].values()] for (m, s) in by_run if m == n], axis=0) for n in order}  # fmt: skip
     ).T
     f1.columns = list(next(iter(by_run.values()))[0]["test"]["per_class"])
     f1_heatmap(f1, out / "f1_heatmap.png")
-    written += [out / "ladder_overlay.png", out / "f1_heatmap.png"]
+    written += [out / "ladder_overlay.png", out / "ladder_accuracy.png", out / "f1_heatmap.png"]
     log.info("wrote %d figures into %s", len(written), out)
     return written
 

@@ -52,7 +52,7 @@ TITLES = {
     2: "Table 2 - Transfer learning",
     3: "Table 3 - The models: what changes from rung to rung",
 }
-OWN_KEYS = ("name", "base", "note", "published", "table", "seeds")
+OWN_KEYS = ("name", "base", "note", "published", "table", "seeds", "compare_to", "claim")
 STALE = "†"
 FOOTNOTE = (
     "Train accuracy and train loss: Keras' running means over the batches of the kept epoch (the "

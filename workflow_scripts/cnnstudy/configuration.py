@@ -20,7 +20,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.y
 
 # Keys that describe one entry and are never inherited through `base:` (a rung run with three
 # seeds does not make the next rung run three).
-OWN_KEYS = ("name", "base", "note", "published", "seeds")
+OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim")
 
 
 class ConfigError(ValueError):
