@@ -28,5 +28,4 @@ rule all:
     default_target: True
     input:
         rules.report.output,
-        rules.steps.output,
         rules.plots.output,

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
-from cnnstudy import cifar, configuration, provenance
+from cnnstudy import cifar, configuration, provenance, tables
 from snakemake.logging import logger
 
 # Validates config.yaml (plus --config/--configfile overrides) against the schema, fills
@@ -46,19 +46,6 @@ TF_ENV = (
 )
 
 
-# Keys of an entry that describe it in the tables or affect only evaluation: changing
-# them must not retrain the model.
-NOT_FOR_TRAINING = ("note", "published", "table", "tta", "seeds", "compare_to", "claim")
-TABLES = sorted({spec["table"] for spec in MODELS.values()})
-TABLE_FORMATS = ("md", "csv", "tex", "html")
-TABLE_TITLES = {
-    1: "Table 1: custom CNNs",
-    2: "Table 2: transfer learning",
-    3: "Table 3: the models",
-    4: "Table 4: did each step help?",
-}
-
-
 def runs(pattern):
     """``pattern`` filled for every (model, seed) pair: each entry with its own seeds."""
     return [
@@ -70,8 +57,9 @@ def runs(pattern):
 
 def training_spec(model):
     """The part of a model entry that training depends on, as canonical JSON."""
-    spec = {k: v for k, v in MODELS[model].items() if k not in NOT_FOR_TRAINING}
-    return json.dumps(spec, sort_keys=True, indent=1)
+    return json.dumps(
+        configuration.training_part(MODELS[model]), sort_keys=True, indent=1
+    )
 
 
 def table_info():
@@ -81,26 +69,20 @@ def table_info():
 
 def write_text(path, text, log):
     """Body of the tiny config-to-file rules: atomic write, one log line."""
-    from cnnstudy.io import atomic_path
+    from cnnstudy.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(f"{text}\n")
     Path(log).write_text(f"wrote {path}\n")
 
 
-def backbone_weights(model):
-    """'none', 'imagenet' or a path: where the model's backbone starts from."""
-    backbone = MODELS[model].get("backbone")
-    return backbone.get("weights", "imagenet") if backbone else "none"
-
-
 def weights_manifest(backbone):
-    return f"{WEIGHTS}/{backbone['name']}-{backbone.get('input_size', 32)}px.json"
+    return f"{WEIGHTS}/{backbone['name']}-{backbone['input_size']}px.json"
 
 
 def weights_input(wildcards):
     """Train input: the fetched ImageNet manifest, a user's weights file, or nothing."""
-    weights = backbone_weights(wildcards.model)
+    weights = configuration.weights_source(MODELS[wildcards.model])
     if weights == "none":
         return []
     if weights == "imagenet":
@@ -112,8 +94,8 @@ def all_weights_manifests():
     return sorted(
         {
             weights_manifest(spec["backbone"])
-            for name, spec in MODELS.items()
-            if backbone_weights(name) == "imagenet"
+            for spec in MODELS.values()
+            if configuration.weights_source(spec) == "imagenet"
         }
     )
 

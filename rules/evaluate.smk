@@ -20,7 +20,7 @@ rule evaluate:
         TF_ENV
     threads: 2
     params:
-        tta=lambda wildcards: MODELS[wildcards.model].get("tta", "none"),
+        tta=lambda wildcards: MODELS[wildcards.model]["tta"],
     shell:
         "python {input.script} --data {input.data:q} --manifest {input.manifest:q}"
         " --model {input.model:q} --history {input.history:q} --train-info {input.info:q}"

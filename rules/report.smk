@@ -19,35 +19,28 @@ rule model_info:
         write_text(output[0], params.info, log[0])
 
 
+# Every table of the registry (cnnstudy/tables.py): its HTML in the Snakemake report, with its
+# caption, and Markdown, CSV and LaTeX beside it.
 rule report:
     input:
         models=rules.model_info.output[0],
         metrics=runs(rules.evaluate.output.metrics),
+        probs=runs(rules.evaluate.output.probs),
         benchmarks=benchmark_files,
         script=script("report.py"),
     output:
         [
             report(
-                f"{REPORTS}/{name}.html",
-                caption=f"../reports/captions/{caption}.rst",
+                f"{REPORTS}/{table.name}.html",
+                caption=f"../reports/captions/{table.caption}.rst",
                 category="Tables",
-                labels={"table": label},
+                labels={"table": table.title},
             )
-            for name, caption, label in [
-                *((f"table{n}", "table", TABLE_TITLES[n]) for n in TABLES),
-                ("table3", "table3", TABLE_TITLES[3]),
-                ("provenance", "provenance", "Provenance"),
-                ("benchmarks", "benchmarks", "Benchmarks"),
-            ]
+            for table in tables.REGISTRY
         ],
         expand(
             f"{REPORTS}/{{name}}.{{fmt}}",
-            name=[
-                *(f"table{n}" for n in TABLES),
-                "table3",
-                "provenance",
-                "benchmarks",
-            ],
+            name=[table.name for table in tables.REGISTRY],
             fmt=("md", "csv", "tex"),
         ),
     log:
@@ -56,14 +49,13 @@ rule report:
         "../envs/report.yaml"
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
-        tables=" ".join(map(str, TABLES)),
         benchmark_root=f"{RESULTS}/benchmarks",
         # The tables mark results trained by other code: a change to it redoes them.
         training_code=provenance.code_hash("train.py"),
     shell:
         "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
-        " --benchmarks {input.benchmarks:q} --benchmark-root {params.benchmark_root:q}"
-        " --outdir {params.outdir:q} --tables {params.tables} > {log} 2>&1"
+        " --probs {input.probs:q} --benchmarks {input.benchmarks:q}"
+        " --benchmark-root {params.benchmark_root:q} --outdir {params.outdir:q} > {log} 2>&1"
 
 
 rule plots:
@@ -71,6 +63,7 @@ rule plots:
         models=rules.model_info.output[0],
         metrics=runs(rules.evaluate.output.metrics),
         histories=runs(rules.train.output.history),
+        steps=f"{REPORTS}/table4.csv",
         script=script("plots.py"),
     output:
         curves=report(
@@ -99,6 +92,12 @@ rule plots:
             category="Across models",
             labels={"figure": "The ladder, study and ours"},
         ),
+        forest=report(
+            f"{RESULTS}/plots/steps_forest.png",
+            caption="../reports/captions/forest.rst",
+            category="Across models",
+            labels={"figure": "Did each step help?"},
+        ),
         f1=report(
             f"{RESULTS}/plots/f1_heatmap.png",
             caption="../reports/captions/f1_heatmap.rst",
@@ -113,46 +112,10 @@ rule plots:
         outdir=lambda wildcards, output: os.path.dirname(output.overlay),
     shell:
         "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
-        " --histories {input.histories:q} --outdir {params.outdir:q} > {log} 2>&1"
-
-
-# Table 4: each rung against the rung it changes, paired tests on the same test images.
-rule steps:
-    input:
-        models=rules.model_info.output[0],
-        metrics=runs(rules.evaluate.output.metrics),
-        probs=runs(rules.evaluate.output.probs),
-        script=script("steps.py"),
-        tables_code=script("report.py"),  # steps.py writes its table with report.py's writer
-    output:
-        tables=[
-            report(
-                f"{REPORTS}/table4.html",
-                caption="../reports/captions/table4.rst",
-                category="Tables",
-                labels={"table": TABLE_TITLES[4]},
-            ),
-            *expand(f"{REPORTS}/table4.{{fmt}}", fmt=("md", "csv", "tex")),
-        ],
-        forest=report(
-            f"{RESULTS}/plots/steps_forest.png",
-            caption="../reports/captions/forest.rst",
-            category="Across models",
-            labels={"figure": "Did each step help?"},
-        ),
-    log:
-        f"{RESULTS}/logs/steps.log",
-    conda:
-        "../envs/report.yaml"
-    params:
-        outdir=lambda wildcards, output: os.path.dirname(output.tables[0]),
-    shell:
-        "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
-        " --probs {input.probs:q} --outdir {params.outdir:q} --plot {output.forest:q} > {log} 2>&1"
+        " --histories {input.histories:q} --steps {input.steps:q} --outdir {params.outdir:q} > {log} 2>&1"
 
 
 # Regenerate the tables alone (Markdown, CSV, LaTeX, HTML).
 rule tables:
     input:
         rules.report.output,
-        rules.steps.output,

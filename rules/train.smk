@@ -79,7 +79,7 @@ rule train:
         device=f"--require-gpu {config['require_gpu']} --deterministic-ops {str(config['deterministic_ops']).lower()}",
         weights=lambda wildcards, input: (
             f"--weights-manifest {input.weights}"
-            if backbone_weights(wildcards.model) == "imagenet"
+            if configuration.weights_source(MODELS[wildcards.model]) == "imagenet"
             else ""
         ),
         script=script("train.py"),

@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 from cnnstudy import configuration
-from cnnstudy.configuration import ConfigError
+from cnnstudy.errors import ConfigError
 
 from conftest import REPO
 

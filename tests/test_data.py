@@ -9,7 +9,7 @@ import numpy as np
 import preprocess
 import pytest
 from cnnstudy import cifar
-from cnnstudy.cli import JobError
+from cnnstudy.errors import JobError
 
 from conftest import CLASS_NAMES, make_cifar_archive, require_mirror
 

@@ -7,7 +7,7 @@ import copy
 import keras
 import pytest
 import yaml
-from cnnstudy import configuration, models
+from cnnstudy import configuration, models, optimizers
 
 from conftest import REPO
 
@@ -104,13 +104,13 @@ def test_optimizer_arguments_are_checked(ladder):
     spec = copy.deepcopy(ladder["model_10"])
     spec["optimizer"]["nesterov"] = True
     with pytest.raises(configuration.ConfigError, match="optimizer adam takes no 'nesterov'"):
-        models.make_optimizer(spec, steps_per_epoch=10)
+        optimizers.make_optimizer(spec, steps_per_epoch=10)
 
 
 def test_cosine_schedule_warms_up_then_decays(ladder):
     spec = copy.deepcopy(ladder["model_10"])
-    spec.update(epochs=10, schedule={"name": "cosine", "warmup_epochs": 2})
-    opt = models.make_optimizer(spec, steps_per_epoch=10)
+    spec.update(epochs=10, schedule={"name": "cosine", "warmup_epochs": 2, "warmup_start": 0.0, "alpha": 0.0})
+    opt = optimizers.make_optimizer(spec, steps_per_epoch=10)
     values = []
     for step in (0, 10, 20, 60, 99):
         opt.iterations.assign(step)

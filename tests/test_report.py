@@ -53,14 +53,14 @@ def test_html_report_renders_tables_and_figures(tiny_run, tmp_path):
         browser = p.chromium.launch(executable_path=chromium(), args=args)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
-        _open_item(page, report, "Tables", "Table 1: custom CNNs")
+        _open_item(page, report, "Tables", "Table 1 - Custom CNNs")
         frame = next(f for f in page.frames if "table1.html" in f.url)
         text = frame.inner_text("body")
         assert "Table 1 - Custom CNNs" in text and "model_10" in text and "Train accuracy (study)" in text
         assert frame.locator("tr").count() == 13  # header + 11 rungs + model_17
         page.screenshot(path=str(tmp_path / "table1.png"))
 
-        _open_item(page, report, "Tables", "Table 3: the models")
+        _open_item(page, report, "Tables", "Table 3 - The models")
         assert "What changed" in next(f for f in page.frames if "table3.html" in f.url).inner_text("body")
 
         for category, row in (("Learning curves", "model_10"), ("Confusion matrices", "model_10"), ("Across models", "Per-class F1")):
@@ -104,10 +104,10 @@ def test_a_report_only_change_replans_only_report_jobs(tiny_run):
     try:
         with open(scripts[0], "a") as fh:
             fh.write("\n# a report-only change\n")
-        assert _jobs(snakemake(*args).stdout) == {"report": 1, "steps": 1, "all": 1}  # Table 4 uses its writer
+        assert _jobs(snakemake(*args).stdout) == {"report": 1, "plots": 1, "all": 1}  # the forest plot reads Table 4
         with open(scripts[1], "a") as fh:
             fh.write("\n# a plot-only change\n")
-        assert _jobs(snakemake(*args).stdout) == {"report": 1, "steps": 1, "plots": 1, "all": 1}
+        assert _jobs(snakemake(*args).stdout) == {"report": 1, "plots": 1, "all": 1}
     finally:
         for path, (blob, st) in saved.items():
             path.write_bytes(blob)
@@ -159,7 +159,7 @@ def test_the_tables_target_regenerates_the_tables_alone(seeds_run):
     proc = snakemake("tables", "--directory", str(seeds_run), "--configfile", TINY, str(seeds_run / "seeds.yaml"), "--cores", "2")
     assert table.is_file()
     jobs = _jobs(proc.stdout + proc.stderr)
-    assert jobs == {"report": 1, "tables": 1}, jobs  # Table 4 (steps) is intact: not redone
+    assert jobs == {"report": 1, "tables": 1}, jobs
 
 
 def test_report_scripts_need_no_tensorflow():
@@ -169,16 +169,16 @@ def test_report_scripts_need_no_tensorflow():
 
 
 def test_time_to_accuracy_reads_the_evaluated_model_after_each_epoch():
-    import report
+    from cnnstudy.tables import time_to
 
     metrics = {
         "time_to_accuracy": [{"train_seconds": 100.0, "test_accuracy": 0.80}, {"train_seconds": 200.0, "test_accuracy": 0.90}],
         "train_seconds": 210.0,
         "test": {"accuracy": 0.95},  # not a point of its own: the last epoch's point is the final model
     }
-    assert report.time_to(metrics, 0.87) == 200.0
-    assert np.isnan(report.time_to(metrics, 0.94))
-    assert np.isnan(report.time_to({"train_seconds": 1.0, "test": {"accuracy": 0.99}}, 0.5))  # not recorded
+    assert time_to(metrics, 0.87) == 200.0
+    assert np.isnan(time_to(metrics, 0.94))
+    assert np.isnan(time_to({"train_seconds": 1.0, "test": {"accuracy": 0.99}}, 0.5))  # not recorded
 
 
 def test_results_trained_by_other_code_are_marked(tiny_run, tmp_path):
@@ -193,10 +193,45 @@ def test_results_trained_by_other_code_are_marked(tiny_run, tmp_path):
             m["provenance"]["training"]["code_hash"] = "0123456789abcdef"
         (tmp_path / f"{name}.json").write_text(json.dumps(m))
         metrics.append(str(tmp_path / f"{name}.json"))
-    report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path / "out"), tables=[1])
+    report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path / "out"), only=["table1", "provenance"])
     table = pd.read_csv(tmp_path / "out" / "table1.csv").set_index("model")
     assert table["trained_by_other_code"].to_dict() == {"model_01": False, "model_10": True}
     md = (tmp_path / "out" / "table1.md").read_text()
     assert "| model_10 †" in md and "| model_01 " in md and "| model_01 †" not in md
     prov = pd.read_csv(tmp_path / "out" / "provenance.csv").set_index("Model")
     assert prov.loc["model_10", "Code now"].startswith("differs") and prov.loc["model_01", "Code now"] == "same"
+
+
+def test_a_new_table_is_one_registry_entry(tiny_run, tmp_path, monkeypatch):
+    """Register a table (name, title, caption, builder): report.py writes it in every format."""
+    import report
+    from cnnstudy import tables
+
+    def sizes(inputs):
+        frame = inputs.runs[["model", "params"]].drop_duplicates("model")
+        return frame, [tables.Column("model", "Model"), tables.Column("params", "Parameters")], "From model.count_params()."
+
+    monkeypatch.setattr(tables, "REGISTRY", [*tables.REGISTRY, tables.Table("sizes", "Model sizes", "table", sizes)])
+    results = tiny_run["work"] / "results" / "tiny"
+    metrics = sorted(str(p) for p in results.glob("metrics/*/seed_0/metrics.json"))
+    written = report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path), only=["sizes"])
+    assert set(written) == {"sizes"} and {p.name for p in tmp_path.iterdir()} == {f"sizes.{f}" for f in report.FORMATS}
+    assert "| model_10 " in (tmp_path / "sizes.md").read_text()
+
+
+def test_paired_statistics_come_from_scipy_and_statsmodels():
+    from cnnstudy import stats
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    rng = np.random.default_rng(0)
+    ref = rng.random(2000) < 0.80
+    new = ref.copy()
+    new[np.flatnonzero(~ref)[:60]] = True  # 60 images only the new model gets right
+    new[np.flatnonzero(ref)[:20]] = False  # 20 only the old one does
+    result = stats.paired(new, ref)
+    assert result["diff"] == pytest.approx((60 - 20) / 2000) and (result["only_new"], result["only_ref"]) == (60, 20)
+    both, neither = int(np.sum(new & ref)), int(np.sum(~new & ~ref))
+    assert result["p"] == pytest.approx(mcnemar([[both, 60], [20, neither]], exact=True).pvalue)
+    assert result["ci_low"] < result["diff"] < result["ci_high"] and result["ci_low"] > 0
+    assert stats.verdict(0.02, 0.001) == "improved" and stats.verdict(-0.02, 0.001) == "worse"
+    assert stats.verdict(0.02, 0.2) == "no significant change"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import train
-from cnnstudy import models, pipeline, predict, runtime
+from cnnstudy import datasets, layers, models, optimizers, predict, runtime
 
 from test_train import _outputs
 
@@ -70,7 +70,7 @@ def test_train_dataset_orders_each_epoch_from_seed_and_epoch_alone():
     x = rng.random((100, 32, 32, 3), dtype=np.float32)
     labels = np.arange(100) % 10
     y = np.eye(10, dtype=np.float32)[labels]
-    xs, ys = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5, first_epoch=0, epochs=2))
+    xs, ys = _batches(datasets.train_dataset(x, y, batch_size=32, seed=5, first_epoch=0, epochs=2))
     assert [len(b) for b in xs] == [32, 32, 32, 4] * 2  # an epoch's short batch never mixes epochs
     x_all, y_all = np.concatenate(xs), np.concatenate(ys)
     # every image exactly once per epoch, still paired with its own label
@@ -78,16 +78,16 @@ def test_train_dataset_orders_each_epoch_from_seed_and_epoch_alone():
     assert sorted(order[:100]) == sorted(order[100:]) == list(range(100))
     assert order[:100] != list(range(100)) and order[:100] != order[100:]  # shuffled, anew each epoch
     assert np.array_equal(y_all, y[order])
-    assert order[:100] == pipeline.epoch_order(5, 0, 100).tolist()
+    assert order[:100] == datasets.epoch_order(5, 0, 100).tolist()
     # A job resumed at epoch 1 sees exactly what an uninterrupted one sees in epoch 1.
-    resumed, _ = _batches(pipeline.train_dataset(x, y, batch_size=32, seed=5, first_epoch=1, epochs=2))
+    resumed, _ = _batches(datasets.train_dataset(x, y, batch_size=32, seed=5, first_epoch=1, epochs=2))
     assert np.array_equal(np.concatenate(resumed), x_all[100:])
-    assert pipeline.epoch_order(6, 0, 100).tolist() != order[:100]  # another seed, another order
+    assert datasets.epoch_order(6, 0, 100).tolist() != order[:100]  # another seed, another order
 
 
 def test_eval_dataset_keeps_order():
     x = np.random.default_rng(1).random((70, 32, 32, 3), dtype=np.float32)
-    got = np.concatenate([b.numpy() for b in pipeline.eval_dataset(x, None, batch_size=32)])
+    got = np.concatenate([b.numpy() for b in datasets.eval_dataset(x, None, batch_size=32)])
     assert np.array_equal(got, x)
 
 
@@ -104,7 +104,7 @@ def test_augmentation_keeps_shapes_and_ranges(ladder_specs):
 def test_patch_whitening_whitens_the_training_patches(tiny_data):
     with np.load(tiny_data) as arrays:
         x = arrays["x_train"]
-    layer = models.PatchWhitening(kernel_size=2, epsilon=1e-8, samples=400)
+    layer = layers.PatchWhitening(kernel_size=2, epsilon=1e-8, samples=400)
     layer.build((None, 32, 32, 3))
     layer.adapt(x)
     out = keras.ops.convert_to_numpy(layer(x))
@@ -120,7 +120,7 @@ def test_bias_learns_lr_multiplier_times_faster():
     x, y = np.zeros((4, 3), "float32"), np.ones((4, 3), "float32")
     moved = {}
     for multiplier in (1.0, 64.0):
-        layer = models.Bias(lr_multiplier=multiplier)
+        layer = layers.Bias(lr_multiplier=multiplier)
         model = keras.Sequential([keras.Input((3,)), layer])
         model.compile(optimizer=keras.optimizers.SGD(0.001), loss="mse")
         model.train_on_batch(x, y)
@@ -133,7 +133,7 @@ def test_bias_learns_lr_multiplier_times_faster():
 @pytest.mark.parametrize(("channels_in", "channels_out"), [(3, 8), (8, 8), (8, 4)])
 def test_dirac_convolutions_start_by_passing_their_inputs_through(channels_in, channels_out):
     keras.utils.set_random_seed(0)
-    conv = keras.layers.Conv2D(channels_out, 3, padding="same", use_bias=False, kernel_initializer=models.Dirac())
+    conv = keras.layers.Conv2D(channels_out, 3, padding="same", use_bias=False, kernel_initializer=layers.Dirac())
     x = np.random.default_rng(0).normal(size=(2, 6, 6, channels_in)).astype("float32")
     out = keras.ops.convert_to_numpy(conv(x))
     n = min(channels_in, channels_out)
@@ -147,7 +147,7 @@ def test_linear_schedule_is_airbench_triangle(ladder_specs):
     spec = copy.deepcopy(ladder_specs["model_17"])
     spec.update(epochs=10, schedule={"name": "linear", "warmup_epochs": 2, "warmup_start": 0.2, "alpha": 0.1})
     spec["optimizer"]["learning_rate"] = 1.0
-    opt = models.make_optimizer(spec, steps_per_epoch=10)
+    opt = optimizers.make_optimizer(spec, steps_per_epoch=10)
     values = []
     for step in (0, 10, 20, 60, 100):
         opt.iterations.assign(step)
@@ -236,11 +236,18 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
     assert "| model_17" in text and "pipeline/ceiling" in text and "## Concurrent training jobs" in text
 
 
-def test_benchmark_legacy_augmentation_matches_the_entry(ladder_specs):
+def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):
     import benchmark
 
-    generator = benchmark.legacy_generator(ladder_specs["model_09"])  # translation + rotation
-    assert generator.width_shift_range == 0.1 and generator.height_shift_range == 0.0
-    assert generator.rotation_range == pytest.approx(0.0417 * 360)  # 15 degrees
-    assert not generator.horizontal_flip
-    assert benchmark.legacy_generator(ladder_specs["model_01"]) is None
+    augmentation = benchmark.StudyAugmentation(ladder_specs["model_09"])  # translation + rotation
+    assert augmentation.width_shift_range == 0.1 and augmentation.height_shift_range == 0.0
+    assert augmentation.rotation_range == pytest.approx(0.0417 * 360)  # 15 degrees
+    assert not augmentation.horizontal_flip and not benchmark.StudyAugmentation(ladder_specs["model_01"])
+    image = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    still = benchmark.StudyAugmentation({"augmentation": [{"RandomRotation": {"factor": 0.0}}]})
+    assert np.allclose(still.transform(image, np.random.default_rng(0)), image, atol=1e-6)  # identity
+    shifted = benchmark.StudyAugmentation({"augmentation": [{"RandomTranslation": {"height_factor": 0.0, "width_factor": 0.1}}]})
+    moved = shifted.transform(image, np.random.default_rng(1))
+    assert moved.shape == image.shape and not np.allclose(moved, image)
+    batches = augmentation.flow(image[None].repeat(10, 0), np.eye(10, dtype="float32"), batch_size=4)
+    assert len(batches) == 3 and batches[2][0].shape == (2, 32, 32, 3)

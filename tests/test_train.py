@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import evaluate
 import keras
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import train
-from cnnstudy.cli import JobError
+from cnnstudy.errors import JobError
 
 from conftest import SCRIPTS, saved_epoch, wait_for_epoch
 

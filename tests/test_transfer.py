@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import train
 from cnnstudy import models, weights
-from cnnstudy.cli import JobError
-from cnnstudy.configuration import ConfigError
+from cnnstudy.errors import JobError
+from cnnstudy.errors import ConfigError
 
 import fetch_weights
 

@@ -8,7 +8,7 @@ For each chosen model, on the same images:
 - ceiling: the same model fed one in-memory batch over and over (no input work at all):
   the compute-bound limit; pipeline/ceiling near 1 means the input pipeline costs nothing;
 - baseline: the study's way: float32, ``model.fit`` on numpy arrays with the same
-  augmentation done by Keras 2's ImageDataGenerator (per-image scipy transforms);
+  augmentation done as Keras 2's ImageDataGenerator did it (per-image scipy transforms);
 - evaluation: ``predict`` images/s on the test images, workflow path and baseline.
 
 Then the thread budget: 1, 2 and 4 concurrent training jobs, each given the threads
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnstudy import cli, runtime
-from cnnstudy.io import atomic_path
+from cnnstudy.errors import JobError
+from cnnstudy.files import atomic_path
 
 log = logging.getLogger("cnnstudy.benchmark")
 HERE = Path(__file__).resolve().parent
@@ -40,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 
 def _load(specs: list[str]) -> dict:
     """Model entries from spec JSON files (results/specs/<model>.json, written by the spec rule)."""
-    from cnnstudy.io import read_json
+    from cnnstudy.files import read_json
 
     entries = {}
     for path in specs:
@@ -70,25 +71,67 @@ def _median_rate(measure, rounds: int) -> float:
     return float(np.median([measure() for _ in range(rounds)]))
 
 
-def legacy_generator(spec: dict):
-    """Keras 2's ImageDataGenerator with the entry's augmentation, as the study's code had it."""
-    from keras.src.legacy.preprocessing.image import ImageDataGenerator  # removed from Keras 3's public API
+class StudyAugmentation:
+    """The study's augmentation as its Keras 2 code did it (ImageDataGenerator): per image, on
+    the CPU, in Python, a random affine transform applied with scipy.ndimage, nearest-pixel fill.
 
-    settings: dict = {}
-    for item in spec.get("augmentation") or []:
-        (name, kwargs), = item.items()
-        if name == "RandomFlip":
-            settings["horizontal_flip"] = "horizontal" in kwargs.get("mode", "horizontal")
-            settings["vertical_flip"] = "vertical" in kwargs.get("mode", "horizontal")
-        elif name == "RandomTranslation":
-            settings.update(height_shift_range=kwargs["height_factor"], width_shift_range=kwargs["width_factor"])
-        elif name == "RandomRotation":
-            settings["rotation_range"] = kwargs["factor"] * 360
-        elif name == "RandomZoom":
-            settings["zoom_range"] = abs(kwargs["height_factor"])
-        if "fill_mode" in kwargs:
-            settings["fill_mode"] = kwargs["fill_mode"]
-    return ImageDataGenerator(**settings) if settings else None
+    The same transforms, written with public APIs (scipy, numpy, keras.utils.PyDataset), so the
+    baseline no longer needs Keras' private legacy module.
+    """
+
+    def __init__(self, spec: dict):
+        self.rotation_range = self.width_shift_range = self.height_shift_range = 0.0
+        self.horizontal_flip = False
+        for item in spec["augmentation"]:
+            (name, kwargs), = item.items()
+            if name == "RandomFlip":
+                self.horizontal_flip = "horizontal" in kwargs.get("mode", "horizontal")
+            elif name == "RandomTranslation":
+                self.height_shift_range, self.width_shift_range = kwargs["height_factor"], kwargs["width_factor"]
+            elif name == "RandomRotation":
+                self.rotation_range = kwargs["factor"] * 360  # degrees, as ImageDataGenerator takes them
+
+    def __bool__(self) -> bool:
+        return bool(self.rotation_range or self.width_shift_range or self.height_shift_range or self.horizontal_flip)
+
+    def transform(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One image (H, W, C): rotation about the centre and shift, then an optional mirror."""
+        from scipy import ndimage
+
+        height, width = image.shape[:2]
+        theta = np.deg2rad(rng.uniform(-self.rotation_range, self.rotation_range))
+        shift = np.array([rng.uniform(-self.height_shift_range, self.height_shift_range) * height,
+                          rng.uniform(-self.width_shift_range, self.width_shift_range) * width])  # fmt: skip
+        rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        centre = np.array([height, width]) / 2 - 0.5
+        offset = centre - rotation @ centre + shift  # output pixel p reads input pixel rotation @ p + offset
+        out = np.stack([ndimage.affine_transform(image[..., c], rotation, offset, order=1, mode="nearest")
+                        for c in range(image.shape[-1])], axis=-1)  # fmt: skip
+        return out[:, ::-1] if self.horizontal_flip and rng.random() < 0.5 else out
+
+    def flow(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0):
+        """Shuffled, augmented batches for model.fit, one epoch per pass."""
+        import keras
+
+        augment = self
+
+        class Batches(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__()
+                self.rng = np.random.default_rng(seed)
+                self.order = self.rng.permutation(len(x))
+
+            def __len__(self):
+                return -(-len(x) // batch_size)
+
+            def __getitem__(self, index):
+                chosen = self.order[index * batch_size : (index + 1) * batch_size]
+                return np.stack([augment.transform(x[i], self.rng) for i in chosen]), y[chosen]
+
+            def on_epoch_end(self):
+                self.order = self.rng.permutation(len(x))
+
+        return Batches()
 
 
 PATHS = ("workflow", "ceiling", "baseline")
@@ -109,7 +152,7 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     import keras
     import tensorflow as tf
 
-    from cnnstudy import models, pipeline
+    from cnnstudy import datasets, models
 
     (spec,) = _load([spec_path]).values()
     device = runtime.setup_device()
@@ -125,14 +168,14 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
         entry = {**spec, "augmentation": []} if path == "baseline" else spec  # the generator augments
         model = models.compile_model(models.build_model(entry, train_images=x), entry, steps, jit)
         if path == "workflow":
-            fit = {"x": pipeline.train_dataset(x, y, batch, seed=0), "shuffle": False}
-            predict = {"x": pipeline.eval_dataset(x_test, None, 500)}
+            fit = {"x": datasets.train_dataset(x, y, batch, seed=0), "shuffle": False}
+            predict = {"x": datasets.eval_dataset(x_test, None, 500)}
         elif path == "ceiling":
             fit = {"x": tf.data.Dataset.from_tensors((tf.constant(x[:batch]), tf.constant(y[:batch]))).repeat(steps)}
             predict = None
         else:
-            generator = legacy_generator(spec)
-            fit = {"x": generator.flow(x, y, batch_size=batch, seed=0)} if generator else {"x": x, "y": y, "batch_size": batch}
+            augmentation = StudyAugmentation(spec)
+            fit = {"x": augmentation.flow(x, y, batch, seed=0)} if augmentation else {"x": x, "y": y, "batch_size": batch}
             predict = {"x": x_test, "batch_size": 500}
         setups[path], settings[path] = (model, fit, predict), (policy, jit)
         _epoch_rate(model, len(x), **fit)  # untimed warm-up: tracing, caches, thread pools
@@ -164,7 +207,7 @@ def _spawn(data: str, spec_path: str, paths: str, images: int, rounds: int, thre
     for proc in procs:
         out, err = proc.communicate()
         if proc.returncode:
-            raise cli.JobError(f"benchmark measurement failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+            raise JobError(f"benchmark measurement failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 
@@ -172,10 +215,10 @@ def _spawn(data: str, spec_path: str, paths: str, images: int, rounds: int, thre
 def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, processes: int) -> dict:
     """The three paths of one model, together in each of ``processes`` fresh processes; the fastest is kept.
 
-    On the 2-vCPU machine this was developed on, a TensorFlow process lands at random in a
-    fast (~600 img/s for model_17) or a slow (~400 img/s, a quarter of the CPU idle) mode for
-    its whole life. All three paths of a row come from one process, so its ratios hold
-    whichever mode that was; the process with the fastest workflow path is reported.
+    On the 2-vCPU machine this was developed on, a TensorFlow process can land at random in a
+    fast or a slow mode (a quarter of the CPU idle) for its whole life. All three paths of a
+    row come from one process, so its ratios hold whichever mode that was; the process with
+    the fastest workflow path is reported.
     """
     (name,) = _load([spec_path])
     runs = [_spawn(data, spec_path, ",".join(PATHS), images, rounds, threads, precision)[0] for _ in range(processes)]
@@ -229,11 +272,11 @@ def main(
         print(json.dumps(result), flush=True)
         return result
     if not out:
-        raise cli.JobError("--out is required")
+        raise JobError("--out is required")
     if not Path(data).is_file():
         raise FileNotFoundError(f"benchmark data not found: {data}: run the preprocess rule first")
     if not specs:
-        raise cli.JobError("no --specs given: name the models' spec files (results/specs/<model>.json)")
+        raise JobError("no --specs given: name the models' spec files (results/specs/<model>.json)")
     names = list(_load(specs))
     intra = min(threads, runtime.available_cpus())
     rows = [measure_model(data, path, images, rounds, threads, precision, processes) for path in specs]
@@ -261,8 +304,8 @@ def main(
         "",
         "Training images/s: *workflow* is the training job's own path (tf.data, in-model augmentation, "
         "the precision the job picks); *ceiling* feeds the same model one in-memory batch (no input work); "
-        "*baseline* is the study's way (float32, `model.fit` on numpy with Keras 2's ImageDataGenerator "
-        "augmentation). Goals: pipeline/ceiling >= 0.95, workflow/baseline >= 2. Evaluation: `predict` "
+        "*baseline* is the study's way (float32, `model.fit` on numpy with per-image scipy augmentation, "
+        "as Keras 2's ImageDataGenerator did it). Goals: pipeline/ceiling >= 0.95, workflow/baseline >= 2. Evaluation: `predict` "
         f"on the {n_test} test images.",
         "",
         table.to_markdown(index=False, floatfmt=".2f"),

@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 from cnnstudy import cifar, cli
+from cnnstudy.errors import JobError
 
 log = logging.getLogger("cnnstudy.download")
 
@@ -76,7 +77,7 @@ def fetch(source: str, staging: Path) -> Path:
     try:
         urllib.request.urlretrieve(source, target, reporthook=_Progress(source))
     except (urllib.error.URLError, OSError) as exc:
-        raise cli.JobError(f"could not download {source}: {exc}") from exc
+        raise JobError(f"could not download {source}: {exc}") from exc
     return target
 
 
@@ -91,7 +92,7 @@ def extract_verified(archive: Path, staging: Path, names: set[str]) -> dict[str,
                 if member.name != f"{cifar.ARCHIVE_DIR}/{name}" or name not in names:
                     continue
                 if not member.isfile():
-                    raise cli.JobError(f"{archive}: member {member.name} is not a regular file")
+                    raise JobError(f"{archive}: member {member.name} is not a regular file")
                 digest = hashlib.md5()
                 with tar.extractfile(member) as src, open(staging / name, "wb") as dst:
                     while chunk := src.read(1 << 20):
@@ -100,7 +101,7 @@ def extract_verified(archive: Path, staging: Path, names: set[str]) -> dict[str,
                 found[name] = digest.hexdigest()
                 log.info("extracted %s (%d bytes)", name, member.size)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise cli.JobError(
+        raise JobError(
             f"{archive}: not a complete gzip-compressed tar archive ({exc}); "
             "it is truncated or corrupt: delete it and download it again"
         ) from exc
@@ -118,7 +119,7 @@ def main(source: str, outdir: str, md5: dict[str, str] | None = None) -> None:
         found = extract_verified(archive, staging, set(expected))
         missing = [name for name in expected if name not in found]
         if missing:
-            raise cli.JobError(
+            raise JobError(
                 f"{archive}: missing member(s) {', '.join(f'{cifar.ARCHIVE_DIR}/{m}' for m in missing)}; "
                 "is this the CIFAR-10 python version?"
             )
@@ -128,7 +129,7 @@ def main(source: str, outdir: str, md5: dict[str, str] | None = None) -> None:
             if found[name] != expected[name]
         ]
         if bad:
-            raise cli.JobError(f"{archive}: checksum mismatch:\n  " + "\n  ".join(bad))
+            raise JobError(f"{archive}: checksum mismatch:\n  " + "\n  ".join(bad))
         for name in expected:
             log.info("verified %-13s md5 %s", name, found[name])
         out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ import numpy as np
 from sklearn import metrics as skm
 
 from cnnstudy import cli, provenance, runtime
-from cnnstudy.io import atomic_path, read_json, write_json
+from cnnstudy.errors import JobError
+from cnnstudy.files import atomic_path, read_json, write_json
 
 log = logging.getLogger("cnnstudy.evaluate")
 
@@ -37,7 +38,7 @@ HISTORY_COLUMNS = ("accuracy", "loss", "cross_entropy", "val_accuracy", "val_los
 def history_row(history, epoch: int) -> dict:
     row = history.loc[history["epoch"] == epoch]
     if row.empty:
-        raise cli.JobError(f"epoch {epoch} is not in the training history")
+        raise JobError(f"epoch {epoch} is not in the training history")
     row = row.iloc[0]
     return {key: float(row[key]) for key in HISTORY_COLUMNS if key in row}
 
@@ -133,7 +134,7 @@ def main(
             "threads": info["threads"],
             "data": _data_provenance(read_json(manifest)),
             "training": info.get("provenance", {}),
-            "evaluation": provenance.record("evaluate.py", threads=intra),
+            "evaluation": provenance.record("evaluate.py", packages=False, threads=intra),
         },
     }
     if "test_accuracy" in hist:  # entries with time_to_accuracy: the evaluated model's test accuracy per epoch

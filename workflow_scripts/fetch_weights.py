@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from cnnstudy import cli
-from cnnstudy.io import write_json
+from cnnstudy.files import write_json
 
 
 def main(backbone: str, cache: str, manifest: str, input_size: int = 32, mirror: str | None = None) -> dict:

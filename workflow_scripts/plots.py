@@ -1,4 +1,5 @@
-"""Figures for the report: learning curves, confusion matrices, the ladder overlay, per-class F1.
+"""Figures for the report: learning curves, confusion matrices, the ladder (overlay of validation
+curves; the study's accuracy beside ours), Table 4's forest plot, per-class F1.
 
 One process draws them all (matplotlib start-up is paid once):
 
@@ -21,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cnnstudy import cli  # noqa: E402
-from cnnstudy.io import atomic_path, read_json  # noqa: E402
+from cnnstudy import cli, configuration  # noqa: E402
+from cnnstudy.files import atomic_path, read_json  # noqa: E402
 
 log = logging.getLogger("cnnstudy.plots")
 
@@ -90,7 +91,7 @@ def overlay(histories: dict[str, pd.DataFrame], path: Path) -> None:
 def ladder(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
     """The whole ladder at a glance: the study's validation accuracy per rung beside ours
     (validation and test, mean over seeds)."""
-    names = [n for n in info if info[n].get("table") == 1 and n in metrics]
+    names = [n for n in info if info[n]["table"] == 1 and n in metrics]
     x = np.arange(len(names))
     study = [(info[n].get("published") or {}).get("val_accuracy") or np.nan for n in names]
     ours = {split: [np.mean([m[split]["accuracy"] for m in metrics[n]]) for n in names] for split in ("val", "test")}
@@ -108,6 +109,26 @@ def ladder(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
+def forest(frame: pd.DataFrame, path: Path) -> None:
+    """Table 4's steps: each difference in test accuracy with its paired bootstrap interval."""
+    if frame.empty:  # nothing to compare (e.g. a run of one model): the figure says so
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no steps to compare", ha="center")
+        _save(fig, path)
+        return
+    colours = {"improved": "tab:green", "no significant change": "tab:grey", "worse": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(frame) + 1.2))
+    for y, (_, r) in enumerate(frame.iloc[::-1].iterrows()):
+        ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o",
+                    color=colours[r["verdict"]], capsize=3)  # fmt: skip
+    ax.set_yticks(range(len(frame)), [f"{m} vs {c}" for m, c in zip(frame["model"][::-1], frame["compared_to"][::-1])])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("difference in test accuracy (95 % paired bootstrap interval)")
+    ax.set_title("Did each step help? (green: improved, grey: no significant change, red: worse)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
 def f1_heatmap(f1: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(f1) + 1.6))
     image = ax.imshow(f1.values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -121,8 +142,8 @@ def f1_heatmap(f1: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
-def main(models: str, metrics: list[str], histories: list[str], outdir: str) -> list[Path]:
-    info = read_json(models)
+def main(models: str, metrics: list[str], histories: list[str], outdir: str, steps: str | None = None) -> list[Path]:
+    info = configuration.complete(read_json(models))
     out = Path(outdir)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     (out / "confusion").mkdir(parents=True, exist_ok=True)
@@ -143,7 +164,7 @@ def main(models: str, metrics: list[str], histories: list[str], outdir: str) -> 
 
     order = [n for n in info if any(n == k[0] for k in by_run)]
     first_seed = {n: min(s for (m, s) in by_run if m == n) for n in order}
-    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n].get("table") == 1}
+    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n]["table"] == 1}
     overlay(table1, out / "ladder_overlay.png")
     ladder(info, {n: [m for (k, _), (m, _) in by_run.items() if k == n] for n in order}, out / "ladder_accuracy.png")
     f1 = pd.DataFrame(
@@ -152,6 +173,10 @@ def main(models: str, metrics: list[str], histories: list[str], outdir: str) -> 
     f1.columns = list(next(iter(by_run.values()))[0]["test"]["per_class"])
     f1_heatmap(f1, out / "f1_heatmap.png")
     written += [out / "ladder_overlay.png", out / "ladder_accuracy.png", out / "f1_heatmap.png"]
+    if steps:  # Table 4's numbers (report.py wrote them)
+        frame = pd.read_csv(steps) if Path(steps).stat().st_size > 1 else pd.DataFrame()
+        forest(frame, out / "steps_forest.png")
+        written.append(out / "steps_forest.png")
     log.info("wrote %d figures into %s", len(written), out)
     return written
 
@@ -161,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", required=True, help="JSON {model: {table, note, ...}} in table order")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files")
     p.add_argument("--histories", nargs="+", required=True, help="history.csv files, in the same order")
+    p.add_argument("--steps", default=None, help="table4.csv, for the forest plot of Table 4")
     p.add_argument("--outdir", required=True)
     return p
 

@@ -22,7 +22,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from cnnstudy import cifar, cli
-from cnnstudy.io import atomic_path, md5sum, write_json
+from cnnstudy.errors import JobError
+from cnnstudy.files import atomic_path, md5sum, write_json
 
 log = logging.getLogger("cnnstudy.preprocess")
 
@@ -33,9 +34,9 @@ def _stratified_subset(labels: np.ndarray, size: int | None, seed: int, split: s
     if size is None or size == len(labels):
         return index
     if size > len(labels):
-        raise cli.JobError(f"subset.{split}={size} is larger than the {len(labels)} images available")
+        raise JobError(f"subset.{split}={size} is larger than the {len(labels)} images available")
     if size < cifar.NUM_CLASSES:
-        raise cli.JobError(f"subset.{split}={size}: need at least one image per class ({cifar.NUM_CLASSES})")
+        raise JobError(f"subset.{split}={size}: need at least one image per class ({cifar.NUM_CLASSES})")
     chosen, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
     return np.sort(chosen)
 
@@ -62,7 +63,7 @@ def main(
         if not (raw / name).is_file():
             raise FileNotFoundError(f"missing CIFAR-10 file {raw / name}: run the download rule first")
     if not 0 < val_fraction < 1:
-        raise cli.JobError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise JobError(f"val_fraction must be in (0, 1), got {val_fraction}")
 
     parts = [cifar.read_batch(raw / name) for name in cifar.TRAIN_BATCHES]
     images = np.concatenate([p[0] for p in parts])

@@ -27,13 +27,15 @@ import pandas as pd
 
 import plots
 import report
-import steps
-from cnnstudy import cli
-from cnnstudy.io import atomic_path, read_json, write_json
+from cnnstudy import cli, configuration, tables
+from cnnstudy.errors import JobError
+from cnnstudy.files import atomic_path, read_json, write_json
 
 log = logging.getLogger("cnnstudy.publish")
 
-COMPARED = ("accuracy", "val_accuracy")  # the study's columns shown beside ours on the page
+# Table 2 (transfer learning) cannot be rerun without ImageNet weights; per-job benchmarks are
+# that machine's timings, not results.
+PUBLISHED_TABLES = ["table1", "table3", "table4", "provenance"]
 
 
 def _runs(results: Path) -> list[tuple[str, int, Path]]:
@@ -83,9 +85,9 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         published = info[name].get("published") or {}
         lines.append(
             f"| {name} | {info[name].get('note', '')} | {_fmt(published.get('accuracy'))} | "
-            f"{report.cell(row['accuracy_mean'], row['accuracy_std'], 4)} | {_fmt(published.get('val_accuracy'))} | "
-            f"{report.cell(row['val_accuracy_mean'], row['val_accuracy_std'], 4)} | "
-            f"{report.cell(row['test_accuracy_mean'], row['test_accuracy_std'], 4)} | "
+            f"{tables.cell(row['accuracy_mean'], row['accuracy_std'], 4)} | {_fmt(published.get('val_accuracy'))} | "
+            f"{tables.cell(row['val_accuracy_mean'], row['val_accuracy_std'], 4)} | "
+            f"{tables.cell(row['test_accuracy_mean'], row['test_accuracy_std'], 4)} | "
             f"{_fmt(row['epochs_run_mean'], 0)} | {sum(speed[name]) / len(speed[name]):.0f} | {int(row['n'])} |"
         )
     lines += [
@@ -151,10 +153,10 @@ def main(results: str, out: str, expected: int | None = None) -> dict:
     models_file = results_dir / "specs" / "models.json"
     if not models_file.is_file():
         raise FileNotFoundError(f"{models_file} not found: is {results_dir} a results directory of this workflow?")
-    info = read_json(models_file)
+    info = configuration.complete(read_json(models_file))
     runs = _runs(results_dir)
     if not runs:
-        raise cli.JobError(f"no finished runs under {results_dir}/metrics: nothing to publish")
+        raise JobError(f"no finished runs under {results_dir}/metrics: nothing to publish")
     for sub in ("tables", "histories", "metrics", "figures"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
@@ -162,19 +164,15 @@ def main(results: str, out: str, expected: int | None = None) -> dict:
         shutil.copyfile(results_dir / "models" / model / f"seed_{seed}" / "history.csv", out_dir / "histories" / f"{model}_seed{seed}.csv")
         write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", read_json(folder / "metrics.json"))
     metrics = [str(folder / "metrics.json") for *_, folder in runs]
-    tables = report.main(str(models_file), metrics, str(out_dir / "tables"), tables=[1])
-    for name in ("benchmarks",):  # per-job benchmark files are not part of the publication
-        for path in (out_dir / "tables").glob(f"{name}.*"):
-            path.unlink()
-    table4 = steps.main(str(models_file), metrics, [str(folder / "test_probs.npz") for *_, folder in runs],
-                        str(out_dir / "tables"), str(out_dir / "figures" / "steps_forest.png"))  # fmt: skip
+    written = report.main(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for *_, f in runs],
+                          only=PUBLISHED_TABLES)  # fmt: skip
     histories = [str(results_dir / "models" / m / f"seed_{s}" / "history.csv") for m, s, _ in runs]
-    plots.main(str(models_file), metrics, histories, str(out_dir / "figures"))
-    expected = expected or sum(len(spec.get("seeds", [0])) for spec in info.values())
+    plots.main(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
+    expected = expected or sum(len(spec["seeds"]) for spec in info.values())
     with atomic_path(out_dir / "README.md") as tmp:
-        tmp.write_text(page(out_dir, info, tables[1], table4, runs, expected))
+        tmp.write_text(page(out_dir, info, written["table1"], written["table4"], runs, expected))
     log.info("published %d run(s) of %s into %s", len(runs), results_dir, out_dir)
-    return {"runs": len(runs), "table1": tables[1], "table4": table4}
+    return {"runs": len(runs), **written}
 
 
 def parser() -> argparse.ArgumentParser:

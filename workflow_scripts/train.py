@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnstudy import checkpoint, cli, configuration, provenance, runtime
-from cnnstudy.io import atomic_path, read_json, write_json
+from cnnstudy.errors import JobError
+from cnnstudy.files import atomic_path, read_json, write_json
 
 log = logging.getLogger("cnnstudy.train")
 
@@ -39,19 +40,34 @@ TIMING_COLUMNS = ("epoch_time", "images_per_s")
 
 def _backbone_weights(spec: dict, manifest: str | None) -> str | None:
     """The weights file to load into the backbone (None: random initialisation)."""
-    backbone = spec.get("backbone")
-    if not backbone or backbone.get("weights", "imagenet") == "none":
+    source = configuration.weights_source(spec)
+    if source == "none":
         return None
-    if backbone.get("weights", "imagenet") == "imagenet":
+    if source == "imagenet":
         from cnnstudy import weights
 
         if not manifest:
-            raise cli.JobError(f"{spec['name']}: ImageNet weights requested but no --weights-manifest given")
+            raise JobError(f"{spec['name']}: ImageNet weights requested but no --weights-manifest given")
         return weights.verified_path(read_json(manifest))
-    path = Path(backbone["weights"])
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{spec['name']}: backbone weights file not found: {path}")
     return str(path)
+
+
+def _job(spec: dict, seed: int, precision: str, data: Path) -> dict:
+    """What a resumable state belongs to: another entry, seed, precision or data starts afresh."""
+    if not data.is_file():
+        raise FileNotFoundError(f"training data not found: {data}: run the preprocess rule first")
+    stat = data.stat()
+    return {"spec_hash": configuration.spec_hash(spec), "seed": seed, "precision": precision, "data": [stat.st_size, stat.st_mtime_ns]}  # fmt: skip
+
+
+def _arrays(data: Path, with_test: bool):
+    with np.load(data) as arrays:
+        train, val = (arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"])
+        test = (arrays["x_test"], arrays["labels_test"]) if with_test else None
+    return train, val, test
 
 
 def main(
@@ -69,84 +85,34 @@ def main(
     deterministic_ops: bool = True,
 ) -> dict:
     started = time.time()
-    spec = dict(spec) if isinstance(spec, dict) else read_json(spec)
-    name = spec.get("name", "model")
-    data_path = Path(data)
-    if not data_path.is_file():
-        raise FileNotFoundError(f"training data not found: {data_path}: run the preprocess rule first")
+    spec = spec if isinstance(spec, dict) else read_json(spec)
+    job = f"{spec['name']} seed {seed}"
+    state = checkpoint.TrainingState(state_dir, _job(spec, seed, precision, Path(data)))
     weights_path = _backbone_weights(spec, weights_manifest)
-    job = {"spec_hash": configuration.spec_hash(spec), "seed": seed, "precision": precision,
-           "data": [data_path.stat().st_size, data_path.stat().st_mtime_ns]}  # fmt: skip
-    state = checkpoint.TrainingState(state_dir, job)
-    # Reduction order, hence the numbers, depends on the thread count: a resumed job keeps its own.
-    intra, inter = runtime.configure_threads(state.keep("threads", runtime.allotted_threads(threads)))
-    import keras
-    import pandas as pd
-
+    env = runtime.prepare(threads, precision, spec["jit_compile"], seed, require_gpu, deterministic_ops, keep=state.keep)
     from cnnstudy import models, training
 
-    device = runtime.setup_device(require_gpu, deterministic_ops)
-    policy = state.keep("precision_policy", runtime.resolve_precision(precision, device))
-    runtime.set_precision(policy)
-    jit = runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
-    runtime.seed_everything(seed)
-    log.info("%s seed %d on %s %s, %s, XLA %s, threads intra=%d inter=%d", name, seed, device["kind"], device["name"], policy, jit, intra, inter)  # fmt: skip
-
-    with np.load(data_path) as arrays:
-        train, val = (arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"])
-        test = (arrays["x_test"], arrays["labels_test"]) if spec.get("time_to_accuracy") else None
+    log.info("%s on %s %s, %s, XLA %s, %s thread(s)", job, env["device"]["kind"], env["device"]["name"], env["precision"], env["jit_compile"], env["threads"]["intra_op"])  # fmt: skip
+    train, val, test = _arrays(Path(data), with_test=spec["time_to_accuracy"])
     model = models.build_model(spec, num_classes=train[1].shape[1], input_shape=train[0].shape[1:],
                                weights_path=weights_path, train_images=train[0])  # fmt: skip
     resumed_from = state.latest.epoch if state.latest else 0
     if resumed_from:
         log.info("resuming after epoch %d (phase %d) from %s", resumed_from, state.latest.phase, state.latest.path)
-    fit_start = time.perf_counter()
-    try:
-        result = training.fit_phases(model, spec, seed, state, train, val, jit, evaluate_on=test)
-    except RuntimeError as exc:
-        if "NaN or Inf loss" not in str(exc):
-            raise
-        raise cli.JobError(
-            f"{name} seed {seed}: training diverged ({exc}); no model was written. "
-            f"Lower the learning rate ({spec['optimizer']['learning_rate']}) or check the data."
-        ) from exc
+    fit = training.fit_phases(model, spec, seed, state, train, val, env["jit_compile"], evaluate_on=test)
+    history = training.history_frame(fit["rows"], job)
 
-    history = pd.DataFrame(result["rows"])
-    history = history[["epoch", *sorted(c for c in history.columns if c != "epoch")]]
-    bad = history[~np.isfinite(history[["loss", "val_loss"]]).all(axis=1)]
-    if len(bad):
-        raise cli.JobError(f"{name} seed {seed}: non-finite loss in epoch(s) {bad['epoch'].tolist()}; no model was written")
     with atomic_path(model_out, suffix=".keras") as tmp:
         model.save(tmp)
     with atomic_path(history_out) as tmp:
         history.to_csv(tmp, index=False)
-    info = {
-        "model": name,
-        "seed": seed,
-        "spec_hash": configuration.spec_hash(spec),
-        "spec": spec,
-        "precision": policy,
-        "jit_compile": jit,
-        "device": device,
-        "threads": {"intra_op": intra, "inter_op": inter},
-        "backbone_weights": weights_path,
-        "batch_size": spec["batch_size"],
-        "epochs_requested": sum(p["epochs"] for p in training.phases(spec)),
-        "epochs_run": len(history),
-        "kept_epoch": result["kept_epoch"],
-        "stopped_early": result["stopped_early"],
-        "resumed_from_epoch": resumed_from,
-        "n_train": len(train[0]),
-        "n_val": len(val[0]),
-        "params": model.count_params(),
-        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
-        "train_seconds": float(history["epoch_time"].sum()),
-        "fit_seconds_this_run": time.perf_counter() - fit_start,
-        "provenance": provenance.record("train.py", started=started, finished=time.time()),
-    }
+    info = {"model": spec["name"], "seed": seed, "spec_hash": configuration.spec_hash(spec), "spec": spec, **env,
+            "backbone_weights": weights_path, **training.summary(model, spec, history, fit, len(train[0]), len(val[0])),
+            "resumed_from_epoch": resumed_from,
+            "provenance": provenance.record("train.py", started=started, finished=time.time())}  # fmt: skip
     write_json(info_out, info)
     state.remove()
-    log.info("%s seed %d: %d epoch(s), kept epoch %d, %.0f s; wrote %s", name, seed, len(history), info["kept_epoch"], info["train_seconds"], model_out)  # fmt: skip
+    log.info("%s: %d epoch(s), kept epoch %d, %.0f s; wrote %s", job, len(history), info["kept_epoch"], info["train_seconds"], model_out)  # fmt: skip
     return info
 
 

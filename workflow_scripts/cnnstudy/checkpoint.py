@@ -93,7 +93,7 @@ class TrainingState:
             return {}  # unreadable: treated as another job's
 
     def _write_job(self) -> None:
-        from .io import write_json
+        from .files import write_json
 
         write_json(self.root / JOB, {"job": self.job, "settings": self.settings})
 

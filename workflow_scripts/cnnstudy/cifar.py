@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import JobError
+from .errors import JobError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_DIR = "cifar-10-batches-py"
@@ -28,7 +28,6 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 NUM_CLASSES = 10
-IMAGE_SHAPE = (32, 32, 3)
 
 
 class UnsafePickleError(JobError):

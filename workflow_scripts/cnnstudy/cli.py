@@ -14,11 +14,9 @@ import os
 import sys
 from typing import Callable
 
+from .errors import ConfigError, JobError
+
 log = logging.getLogger("cnnstudy")
-
-
-class JobError(RuntimeError):
-    """A failure with a clear cause that the user can act on (no traceback needed)."""
 
 
 def setup_logging() -> None:
@@ -35,8 +33,6 @@ def setup_logging() -> None:
 
 def run(main: Callable[..., object], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv``, call ``main(**args)`` and turn expected failures into exit code 1."""
-    from .configuration import ConfigError
-
     setup_logging()
     args = vars(parser.parse_args(argv))
     try:

@@ -16,15 +16,17 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .errors import ConfigError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 # Keys that describe one entry and are never inherited through `base:` (a rung run with three
 # seeds does not make the next rung run three).
 OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim")
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message lists every problem found."""
+# Keys that never change how a model trains (they describe it, place it in the report, or
+# matter only at evaluation): changing them retrains nothing.
+NOT_FOR_TRAINING = ("base", "note", "published", "table", "seeds", "compare_to", "claim", "tta")
+TABLE_OF_ENTRIES = {1: "table1", 2: "table2"}  # an entry's `table` number -> report table
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
@@ -200,15 +202,14 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
         if "base" in entry:
             spec["base"] = entry["base"]
         spec = apply_overrides(spec, config.get("model_overrides") or {})
-        spec.setdefault("table", 1)
         spec.setdefault("seeds", list(config.get("seeds") or [0]))
         resolved[name] = spec
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
     entry_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/resolved_model"}
-    for name, spec in resolved.items():
-        validate(spec, entry_schema, what=f"model {name} after inheritance", fill_defaults=False)
+    for name, spec in resolved.items():  # every default filled here, once, for every reader
+        validate(spec, entry_schema, what=f"model {name} after inheritance", fill_defaults=True)
 
     selected = config.get("run_models")
     if selected:
@@ -227,6 +228,49 @@ def load(config: dict, schema_path: Path = SCHEMA_PATH) -> dict[str, dict]:
     schema = load_schema(schema_path)
     validate(config, schema)
     return resolve_models(config, schema)
+
+
+# ---- views of a resolved entry: what every rule and script reads -------------------------
+
+
+def complete(entries: dict[str, dict]) -> dict[str, dict]:
+    """Resolved entries with every default filled, also those written by older code (a study
+    run's specs/models.json from before a default existed)."""
+    schema = load_schema()
+    entry_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/resolved_model"}
+    done = copy.deepcopy(entries)
+    for name, entry in done.items():
+        validate(entry, entry_schema, what=f"model {name}", fill_defaults=True)
+    return done
+
+
+def training_part(entry: dict) -> dict:
+    """The part of a resolved entry that training depends on (the train job's spec).
+
+    The test-time augmentation matters to training only where the job records the evaluated
+    model's accuracy after every epoch (time_to_accuracy).
+    """
+    keep = ("tta",) if entry.get("time_to_accuracy") else ()
+    return {k: v for k, v in entry.items() if k not in NOT_FOR_TRAINING or k in keep}
+
+
+def weights_source(entry: dict) -> str:
+    """Where the backbone starts from: 'none' (also without a backbone), 'imagenet' or a file path."""
+    backbone = entry.get("backbone")
+    return backbone["weights"] if backbone else "none"
+
+
+def flat_layers(items) -> list[dict]:
+    """Layer items with blocks (nested lists) expanded, in order."""
+    flat: list[dict] = []
+    for item in items or []:
+        flat.extend(flat_layers(item) if isinstance(item, list) else [item])
+    return flat
+
+
+def report_table(entry: dict) -> str:
+    """The report table (registry name, cnnstudy.tables) an entry's row goes to."""
+    return TABLE_OF_ENTRIES[entry["table"]]
 
 
 def spec_hash(spec: dict) -> str:

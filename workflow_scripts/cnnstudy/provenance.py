@@ -49,15 +49,15 @@ def code_hash(script: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def record(script: str, **extra) -> dict:
-    """What a job records about itself: code (commit, dirty, code hash), packages, machine."""
+def record(script: str, packages: bool = True, **extra) -> dict:
+    """What a job records about itself: code (commit, dirty, code hash), machine and, once per
+    result (the training job), the package versions."""
     git = git_state()
     return {
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
         "code_hash": code_hash(script),
-        "packages": package_versions(),
-        "python": platform.python_version(),
+        **({"packages": package_versions(), "python": platform.python_version()} if packages else {}),
         "host": platform.node(),
         **extra,
     }

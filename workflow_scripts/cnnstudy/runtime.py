@@ -89,7 +89,7 @@ def setup_device(require_gpu: str = "auto", deterministic_ops: bool = True) -> d
     """
     import tensorflow as tf
 
-    from .cli import JobError
+    from .errors import JobError
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus and (require_gpu == "true" or (require_gpu == "auto" and nvidia_gpus_present())):
@@ -134,8 +134,8 @@ def resolve_precision(requested: str, device: dict, cpu_flags: set[str] | None =
 def resolve_jit(requested: str, device: dict, policy: str) -> bool | str:
     """XLA for ``model.compile(jit_compile=...)``: 'on' True, 'off' False, 'auto' as measured.
 
-    auto: off on CPU, where XLA measured 3-4x slower here (model_17 under mixed_bfloat16:
-    202 vs 625 img/s; model_10 150 vs 590) and where Keras' random-augmentation layers
+    auto: off on CPU, where XLA trained several times slower when measured (model_10 and
+    model_17 under mixed_bfloat16) and where Keras' random-augmentation layers
     cannot be compiled anyway; on GPUs, Keras' own 'auto' (XLA if every layer supports it).
     """
     if requested in ("on", "off"):
@@ -155,3 +155,23 @@ def seed_everything(seed: int) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)
+
+
+def prepare(threads: int, precision: str, jit_compile: str, seed: int, require_gpu: str = "auto",
+            deterministic_ops: bool = True, keep=None) -> dict:  # fmt: skip
+    """Threads, device, precision policy, XLA and seeds for one training job, in the order
+    TensorFlow needs them. ``keep(name, value)`` returns the value a resumed job started
+    with (threads and precision change the numbers); without it, the given values are used.
+    """
+    keep = keep or (lambda _, value: value)
+    intra, inter = configure_threads(keep("threads", allotted_threads(threads)))
+    device = setup_device(require_gpu, deterministic_ops)
+    policy = keep("precision_policy", resolve_precision(precision, device))
+    set_precision(policy)
+    seed_everything(seed)
+    return {
+        "device": device,
+        "precision": policy,
+        "jit_compile": resolve_jit(jit_compile, device, policy),
+        "threads": {"intra_op": intra, "inter_op": inter},
+    }

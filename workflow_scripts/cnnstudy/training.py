@@ -4,7 +4,7 @@ Keras' BackupAndRestore saves weights, BatchNorm statistics and optimizer variab
 momentum, EMA). For a resumed job to repeat an uninterrupted one bit for bit, the rest must
 not depend on how many epochs this process has run:
 
-- the order of the training images: drawn per epoch from (seed, epoch) (pipeline.epoch_order);
+- the order of the training images: drawn per epoch from (seed, epoch) (datasets.epoch_order);
 - the random layers (augmentation, Dropout): their seed states are set at the start of every
   epoch from (seed, epoch, layer) (EpochSeeds);
 - EarlyStopping's counters and best weights, and the history rows: saved with each checkpoint
@@ -20,9 +20,11 @@ import time
 
 import keras
 import numpy as np
+import pandas as pd
 
-from . import models, pipeline, predict
+from . import datasets, models, predict
 from .checkpoint import Checkpoint, TrainingState
+from .errors import JobError
 
 log = logging.getLogger("cnnstudy.train")
 
@@ -101,7 +103,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """Keras' EarlyStopping whose counters and best weights survive a restart."""
 
     def __init__(self, restored: dict | None = None, best_weights: list | None = None, **kwargs):
-        super().__init__(**{"monitor": "val_loss", **kwargs})
+        super().__init__(**kwargs)
         self.restored, self.restored_weights = restored, best_weights
 
     def on_train_begin(self, logs=None):
@@ -184,8 +186,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     records the evaluated test accuracy after every epoch. Returns the history rows, the
     kept epoch and whether early stopping ended training.
     """
-    (x, y), steps = train, pipeline.steps_per_epoch(len(train[0]), spec["batch_size"])
-    val_ds = pipeline.eval_dataset(*val, spec["batch_size"])
+    (x, y), steps = train, datasets.steps_per_epoch(len(train[0]), spec["batch_size"])
+    val_ds = datasets.eval_dataset(*val, spec["batch_size"])
     all_phases = phases(spec)
     total = sum(p["epochs"] for p in all_phases)
     resume = state.latest
@@ -209,18 +211,52 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         last = first if stopped or first >= end else end
         callbacks = [EpochSeeds(seed), EpochLogger(len(x), total, index), keras.callbacks.TerminateOnNaN(raise_error=True)]
         if evaluate_on is not None:
-            callbacks.append(EvaluatedAccuracy(*evaluate_on, spec.get("tta", "none")))
+            callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
         callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
-        model.fit(
-            pipeline.train_dataset(x, y, spec["batch_size"], seed, first, last),
-            steps_per_epoch=steps,
-            validation_data=val_ds,
-            initial_epoch=first,
-            epochs=last,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset is already in each epoch's order
-            verbose=0,
-        )
+        try:
+            model.fit(
+                datasets.train_dataset(x, y, spec["batch_size"], seed, first, last),
+                steps_per_epoch=steps,
+                validation_data=val_ds,
+                initial_epoch=first,
+                epochs=last,
+                callbacks=callbacks,
+                shuffle=False,  # the dataset is already in each epoch's order
+                verbose=0,
+            )
+        except RuntimeError as exc:  # TerminateOnNaN
+            if "NaN or Inf loss" not in str(exc):
+                raise
+            raise JobError(
+                f"{spec['name']} seed {seed}: training diverged ({exc}); no model was written. Lower the "
+                f"learning rate ({phase['optimizer']['learning_rate']}) or check the data."
+            ) from exc
         start = end
     kept = early.best_epoch + 1 if early is not None and early.best_weights is not None else rows[-1]["epoch"]
     return {"rows": rows, "kept_epoch": int(kept), "stopped_early": bool(early is not None and early.stopped)}
+
+
+def history_frame(rows: list[dict], job: str) -> pd.DataFrame:
+    """The history rows as a table (epoch first); a non-finite loss anywhere fails the job."""
+    history = pd.DataFrame(rows)
+    history = history[["epoch", *sorted(c for c in history.columns if c != "epoch")]]
+    bad = history[~np.isfinite(history[["loss", "val_loss"]]).all(axis=1)]
+    if len(bad):
+        raise JobError(f"{job}: non-finite loss in epoch(s) {bad['epoch'].tolist()}; no model was written")
+    return history
+
+
+def summary(model, spec: dict, history: pd.DataFrame, fit: dict, n_train: int, n_val: int) -> dict:
+    """What training says about itself: epochs, kept epoch, time, size."""
+    return {
+        "batch_size": spec["batch_size"],
+        "epochs_requested": sum(p["epochs"] for p in phases(spec)),
+        "epochs_run": len(history),
+        "kept_epoch": fit["kept_epoch"],
+        "stopped_early": fit["stopped_early"],
+        "n_train": n_train,
+        "n_val": n_val,
+        "params": model.count_params(),
+        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "train_seconds": float(history["epoch_time"].sum()),
+    }

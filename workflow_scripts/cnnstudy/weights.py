@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from unittest import mock
 
-from .cli import JobError
-from .configuration import ConfigError
+from .errors import JobError
+from .errors import ConfigError
 
 log = logging.getLogger("cnnstudy.weights")
 
@@ -27,9 +27,11 @@ def keras_source(name: str, input_size: int = 32) -> dict:
     """File name, origin URL and hash Keras uses for ``name``'s ImageNet weights (no top).
 
     Found by running the constructor with ``keras.utils.get_file`` replaced by a recorder, so
-    it holds for every keras.applications model without a hand-kept table.
+    it holds for every keras.applications model without a hand-kept table. Keras has no public
+    way to ask this, and its applications call the private module's get_file, so that is what
+    is patched, here only; tests/test_transfer.py fails loudly if Keras moves it.
     """
-    from keras.src.utils import file_utils
+    from keras.src.utils import file_utils  # private: see above
 
     from .models import backbone_constructor
 

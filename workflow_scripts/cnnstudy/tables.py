@@ -1,0 +1,335 @@
+"""The report's tables: one registry, read by the rules (which files) and by report.py (how).
+
+A table is one ``Table`` in ``REGISTRY``: its file name, title, caption file
+(reports/captions/<caption>.rst), the inputs it needs, and a builder that returns a numeric
+DataFrame (what the CSV holds), the columns to show (label, digits, the column holding the
+± spread) and its footnote. ``display`` is the one formatting pass for Markdown, LaTeX and
+HTML. Adding a table is one entry here and its caption file.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import configuration, provenance, stats
+
+STALE = "†"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # numeric column (CSV)
+    label: str  # header shown
+    digits: int | None = None  # None: shown as is
+    spread: str | None = None  # numeric column shown after ±
+    show: Callable[[pd.Series], str] | None = None  # a cell built from several columns
+
+
+@dataclass
+class Inputs:
+    """Everything a builder may read: the resolved entries, one row per run, the raw metrics,
+    the test-set predictions (for paired tests) and the jobs' benchmark files."""
+
+    models: dict
+    runs: pd.DataFrame
+    metrics: list[dict]
+    probs: dict = field(default_factory=dict)  # (model, seed) -> per-image correctness
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_root: str | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    caption: str
+    build: Callable[[Inputs], tuple[pd.DataFrame, list[Column], str]]
+    needs: tuple[str, ...] = ("metrics",)  # rule inputs beyond the entries: metrics, probs, benchmarks
+
+
+# ---- per-run quantities --------------------------------------------------------------------------
+
+# key: (label, how to read it from a metrics file, digits)
+QUANTITIES = {
+    "accuracy": ("Train accuracy", lambda m: m["kept_epoch"]["accuracy"], 4),
+    "loss": ("Train loss", lambda m: m["kept_epoch"]["cross_entropy"], 4),
+    "val_accuracy": ("Val. accuracy", lambda m: m["val"]["accuracy"], 4),
+    "val_loss": ("Val. loss", lambda m: m["val"]["loss"], 4),
+    "test_accuracy": ("Test accuracy", lambda m: m["test"]["accuracy"], 4),
+    "test_loss": ("Test loss", lambda m: m["test"]["loss"], 4),
+    "f1_macro": ("Test macro F1", lambda m: m["test"]["f1_macro"], 4),
+    "epochs_run": ("Epochs", lambda m: m["epochs_run"], 1),
+    "train_seconds": ("Train time (s)", lambda m: m["train_seconds"], 0),
+    "time_to_087": ("Time to 0.87 test acc. (s)", lambda m: time_to(m, 0.87), 0),
+    "time_to_094": ("Time to 0.94 test acc. (s)", lambda m: time_to(m, 0.94), 0),
+}
+OPTIONAL = ("time_to_087", "time_to_094")  # shown where some entry records time to accuracy
+STUDY = ("accuracy", "loss", "val_accuracy", "val_loss")  # the study's published columns
+
+
+def time_to(metrics: dict, target: float) -> float:
+    """Training seconds until the evaluated model's test accuracy first reached ``target``; NaN if never.
+
+    One kind of point throughout: the model as it is evaluated (weight average, TTA), after
+    every epoch; the last point is the final model.
+    """
+    for point in metrics.get("time_to_accuracy") or []:
+        if point["test_accuracy"] >= target:
+            return point["train_seconds"]
+    return float("nan")
+
+
+def per_run(metrics: list[dict]) -> pd.DataFrame:
+    """One row per (model, seed): the quantities, sizes, provenance, whether other code trained it."""
+    current = provenance.code_hash("train.py")
+    rows = [
+        {
+            "model": m["model"],
+            "seed": m["seed"],
+            **{key: get(m) for key, (_, get, _) in QUANTITIES.items()},
+            "params": m["params"],
+            "layers": m["layers"],
+            "provenance": m["provenance"],
+            "stale": (m["provenance"].get("training") or {}).get("code_hash") != current,
+        }
+        for m in metrics
+    ]
+    return pd.DataFrame(rows)
+
+
+def aggregate(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Mean, std (ddof=1; empty for one seed) and n per model, in ``order``."""
+    grouped = runs.groupby("model")[list(QUANTITIES)]
+    result = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1)}, axis=1)
+    result.columns = [f"{q}_{stat}" for stat, q in result.columns]
+    result["n"] = runs.groupby("model")["seed"].nunique()
+    result["stale"] = runs.groupby("model")["stale"].any()
+    return result.reindex([m for m in order if m in result.index])
+
+
+def cell(mean, std=np.nan, digits: int | None = None) -> str:
+    if isinstance(mean, str) or digits is None:
+        return "" if mean is None or (isinstance(mean, float) and np.isnan(mean)) else str(mean)
+    if pd.isna(mean):
+        return ""
+    text = f"{mean:.{digits}f}"
+    return text if pd.isna(std) else f"{text} ± {std:.{digits}f}"
+
+
+def display(numeric: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
+    """The one formatting pass: numbers to text (mean ± spread, fixed digits)."""
+    def one(c: Column, row: pd.Series) -> str:
+        return c.show(row) if c.show else cell(row[c.key], row[c.spread] if c.spread else np.nan, c.digits)
+
+    shown = {c.label: [one(c, row) for _, row in numeric.iterrows()] for c in columns}
+    return pd.DataFrame(shown, columns=[c.label for c in columns])
+
+
+# ---- Tables 1 and 2: the study's numbers beside ours ----------------------------------------------
+
+LADDER_NOTE = (
+    "Train accuracy and train loss: Keras' running means over the batches of the kept epoch (the "
+    "best validation loss when early stopping restores weights, else the last), in training mode "
+    "(augmentation and dropout active, raw weights), as the study's numbers were measured; the loss "
+    "is categorical cross-entropy without label smoothing. Val. and test columns: the final model "
+    "as evaluated (its weight average where the entry keeps one, its test-time augmentation where it "
+    "has one) on our validation split (a stratified 10 % of the training images, also the one early "
+    "stopping watches) and on the untouched CIFAR-10 test set: accuracy, and the categorical "
+    "cross-entropy (scikit-learn log loss, no label smoothing) of the same probabilities. The study "
+    "validated on the test set; its '(study)' columns are its published numbers, its loss Keras' "
+    "training loss. Values are mean ± standard deviation over n seeds; the study reported single "
+    "runs. Time-to-accuracy columns (models that record it): training seconds, validation excluded, "
+    "until the model as evaluated, measured after every epoch, first reached the target test "
+    "accuracy; blank where it never did. "
+    f"{STALE} after a model name: trained by code that differs from the current code (its training "
+    "code hash, in the provenance table); rerun it before citing the number."
+)
+
+
+def ladder_table(number: int):
+    def build(inputs: Inputs):
+        members = [n for n, e in inputs.models.items() if e["table"] == number]
+        agg = aggregate(inputs.runs, members) if len(inputs.runs) else pd.DataFrame()
+        timed = any(inputs.models[n]["time_to_accuracy"] for n in agg.index)
+        columns = [Column("model", "Model", show=lambda r: r["model"] + (f" {STALE}" if r["trained_by_other_code"] else "")),
+                   Column("note", "Change")]  # fmt: skip
+        for key, (label, _, digits) in QUANTITIES.items():
+            if key in OPTIONAL and not timed:
+                continue
+            columns.append(Column(f"{key}_mean", label, digits, f"{key}_std"))
+            if key in STUDY:
+                columns.append(Column(f"{key}_study", f"{label} (study)", 4))
+        columns.append(Column("n", "n"))
+        rows = []
+        for name, row in agg.iterrows():
+            published = inputs.models[name].get("published") or {}
+            values = {"model": name, "note": inputs.models[name].get("note", ""), "n": int(row["n"])}
+            for c in columns[2:-1]:
+                if c.key.endswith("_study"):
+                    values[c.key] = published.get(c.key.removesuffix("_study"))
+                else:
+                    values[c.key], values[c.spread] = row[c.key], row[c.spread]
+            rows.append({**values, "trained_by_other_code": bool(row["stale"])})
+        return pd.DataFrame(rows), columns, LADDER_NOTE
+
+    return build
+
+
+# ---- Table 3: the annex -----------------------------------------------------------------------------
+
+
+def _flatten(entry: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in entry.items():
+        if not prefix and key in configuration.OWN_KEYS + ("table",):
+            continue
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _layer_names(items) -> list[str]:
+    return [next(iter(item)) for item in configuration.flat_layers(items)]
+
+
+def _show(key: str, value) -> str:
+    if key in ("layers", "augmentation"):
+        names = _layer_names(value)
+        return ", ".join(names) if key == "augmentation" and names else f"{len(names)} layers" if names else "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def describe_change(entry: dict, base: dict | None) -> str:
+    """What the entry changes from its `base`, computed from the resolved config."""
+    if base is None:
+        return "(first model of its line)"
+    skip = configuration.OWN_KEYS + ("table",)
+    # A setting that appears or disappears as a whole (e.g. early stopping) is one change.
+    whole = {k for k in {**base, **entry} if k not in skip and isinstance(base.get(k), dict) != isinstance(entry.get(k), dict)}
+    old = {**_flatten({k: v for k, v in base.items() if k not in whole}), **{k: base.get(k) for k in whole}}
+    new = {**_flatten({k: v for k, v in entry.items() if k not in whole}), **{k: entry.get(k) for k in whole}}
+    changes = []
+    for key in [k for k in {**old, **new} if old.get(k) != new.get(k)]:
+        text = f"{key}: {_show(key, old.get(key))} → {_show(key, new.get(key))}"
+        if key == "layers":
+            before, after = collections.Counter(_layer_names(old.get(key))), collections.Counter(_layer_names(new.get(key)))
+            delta = [f"+{n}×{k}" for k, n in (after - before).items()] + [f"-{n}×{k}" for k, n in (before - after).items()]
+            text += f" ({', '.join(delta) or 'same layers, new arguments'})"
+        changes.append(text)
+    return "; ".join(changes) or "(no change)"
+
+
+ANNEX_NOTE = (
+    "Layers counts Keras' model.layers (input, augmentation and output layers included; a "
+    "backbone counts as one); Parameters is model.count_params() of the trained model. "
+    "'What changed' compares each resolved entry with the entry it names as base."
+)
+
+
+def annex_table(inputs: Inputs):
+    agg = aggregate(inputs.runs, list(inputs.models)) if len(inputs.runs) else pd.DataFrame()
+    sizes = inputs.runs.groupby("model")[["params", "layers"]].first() if len(inputs.runs) else None
+    rows = []
+    for name, row in agg.iterrows():
+        entry = inputs.models[name]
+        backbone = entry.get("backbone")
+        rows.append({
+            "model": name, "note": entry.get("note", ""),
+            "changes": describe_change(entry, inputs.models.get(entry.get("base"))),
+            "backbone": f"{backbone['name']} ({backbone['weights']}, {backbone['trainable']})" if backbone else "",
+            "layers": int(sizes.loc[name, "layers"]), "params": int(sizes.loc[name, "params"]),
+            "optimizer": entry["optimizer"]["name"], "learning_rate": entry["optimizer"]["learning_rate"],
+            "batch_size": entry["batch_size"], "augmentation": ", ".join(_layer_names(entry["augmentation"])) or "none",
+            **{k: row[k] for k in ("epochs_run_mean", "epochs_run_std", "train_seconds_mean", "train_seconds_std")},
+            "n": int(row["n"]),
+        })  # fmt: skip
+    columns = [
+        Column("model", "Model"), Column("note", "Study's change"), Column("changes", "What changed (from config)"),
+        Column("backbone", "Backbone"), Column("layers", "Layers"),
+        Column("params", "Parameters", show=lambda r: f"{r['params']:,}"), Column("optimizer", "Optimizer"),
+        Column("learning_rate", "Learning rate", show=lambda r: f"{r['learning_rate']:g}"),
+        Column("batch_size", "Batch size"), Column("augmentation", "Augmentation"),
+        Column("epochs_run_mean", "Epochs", 1, "epochs_run_std"),
+        Column("train_seconds_mean", "Train time (s)", 0, "train_seconds_std"), Column("n", "n"),
+    ]  # fmt: skip
+    return pd.DataFrame(rows), columns, ANNEX_NOTE
+
+
+# ---- Table 4: did each step help? --------------------------------------------------------------------
+
+
+def steps_table(inputs: Inputs):
+    frame = stats.steps_frame(inputs.models, inputs.runs, inputs.probs)
+    columns = [
+        Column("step", "Step", show=lambda r: f"{r['model']} vs {r['compared_to']}"),
+        Column("note", "Change"),
+        Column("study_claim", "Study's claim", show=lambda r: r["study_claim"] or "(beyond the study)"),
+        Column("verdict", "Our verdict"),
+        Column("agrees", "Agrees", show=lambda r: {True: "yes", False: "no"}.get(r["agrees"], "")),
+        Column("diff", "Δ test acc. (seed)", show=lambda r: f"{r['diff']:+.4f} (seed {r['seed']})"),
+        Column("ci_low", "95 % CI", show=lambda r: f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"),
+        Column("only_new", "Only new right / only old right", show=lambda r: f"{r['only_new']} / {r['only_ref']}"),
+        Column("p", "McNemar p", show=lambda r: f"{r['p']:.2g}"),
+        Column("p_holm", "Holm p", show=lambda r: f"{r['p_holm']:.2g}"),
+        Column("mean_diff", "Δ mean over seeds", show=lambda r: f"{r['mean_diff']:+.4f} (n {r['n_new']} vs {r['n_ref']})"
+               if r["n_new"] > 1 or r["n_ref"] > 1 else ""),
+    ]  # fmt: skip
+    return frame, columns, stats.footnote(frame, inputs.runs)
+
+
+# ---- provenance and benchmarks -----------------------------------------------------------------------
+
+
+def provenance_table(inputs: Inputs):
+    rows = []
+    for _, run in inputs.runs.iterrows():
+        p = run["provenance"]
+        trained = p.get("training") or {}
+        packages = trained.get("packages") or {}
+        device = p.get("device") or {}
+        rows.append({
+            "Model": run["model"], "Seed": run["seed"],
+            "Device": f"{device.get('kind', '')} {device.get('name', '')}".strip(),
+            "Precision": p.get("precision"), "Threads": (p.get("threads") or {}).get("intra_op"),
+            "TensorFlow": packages.get("tensorflow"), "Keras": packages.get("keras"), "NumPy": packages.get("numpy"),
+            "Config hash": p.get("spec_hash"), "Data md5": (p.get("data") or {}).get("npz_md5"),
+            "Trained at commit": (trained.get("git_commit") or "")[:12] + ("-dirty" if trained.get("git_dirty") else ""),
+            "Training code": trained.get("code_hash"), "Code now": f"differs {STALE}" if run["stale"] else "same",
+        })  # fmt: skip
+    numeric = pd.DataFrame(rows)
+    note = ("One row per model and seed, from its metrics file. Training code: hash of train.py and the cnnstudy "
+            "package when the model was trained; Code now: whether the current code hashes the same.")  # fmt: skip
+    return numeric, [Column(c, c) for c in numeric.columns], note
+
+
+def benchmark_table(inputs: Inputs):
+    from pathlib import Path
+
+    rows = []
+    for path in inputs.benchmarks:
+        bench = pd.read_csv(path, sep="\t")
+        root = inputs.benchmark_root
+        job = Path(path).relative_to(root).with_suffix("").as_posix() if root else Path(path).stem
+        rows.append({"Job": job, "Wall time (s)": round(float(bench["s"].iloc[-1]), 1), "Peak RSS (MB)": round(float(bench["max_rss"].iloc[-1]), 0)})  # fmt: skip
+    numeric = pd.DataFrame(rows, columns=["Job", "Wall time (s)", "Peak RSS (MB)"])
+    return numeric, [Column(c, c) for c in numeric.columns], "From Snakemake's benchmark: files (max_rss is the peak resident memory)."  # noqa: E501
+
+
+REGISTRY = [
+    Table("table1", "Table 1 - Custom CNNs (the study's ladder)", "table", ladder_table(1)),
+    Table("table2", "Table 2 - Transfer learning", "table", ladder_table(2)),
+    Table("table3", "Table 3 - The models: what changes from rung to rung", "table3", annex_table),
+    Table("table4", "Table 4 - Did each step help? Paired tests on the test set", "table4", steps_table, ("metrics", "probs")),
+    Table("provenance", "Provenance of every result", "provenance", provenance_table),
+    Table("benchmarks", "Benchmarks: wall time and peak memory per job", "benchmarks", benchmark_table, ("metrics", "benchmarks")),
+]
+BY_NAME = {t.name: t for t in REGISTRY}
