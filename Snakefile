@@ -1,7 +1,7 @@
 # CIFAR-10 CNN study, reproduced and extended (see README.md).
 #
-#   download ─► preprocess ─► train (model × seed) ─► evaluate (model × seed) ─► report
-#   (localrule)  normalised     Keras, one job each     scikit-learn metrics      tables
+#   download ─► preprocess ─► train (model × seed) ─► evaluate (model × seed) ─► report, plots ─► track
+#   (localrule)  normalised     Keras, one job each     scikit-learn metrics      tables, figures   MLflow
 #                .npz     └─► benchmark (on demand: reports/benchmark.md)
 #
 # Settings: config.yaml (validated against schemas/config.schema.yaml before any job).
@@ -21,6 +21,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/track.smk"
 include: "rules/benchmark.smk"
 
 
@@ -29,3 +30,4 @@ rule all:
     input:
         rules.report.output,
         rules.plots.output,
+        rules.track.output,

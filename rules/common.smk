@@ -1,6 +1,7 @@
 # Configuration, validated and resolved once before any job is planned.
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ WEIGHTS = config["weights_cache"]
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
+    model="|".join(map(re.escape, MODELS)),
     seed=r"\d+",
     backbone=r"[A-Za-z0-9]+",
     size=r"\d+",

@@ -98,6 +98,12 @@ rule plots:
             category="Across models",
             labels={"figure": "Did each step help?"},
         ),
+        sweeps=report(
+            f"{RESULTS}/plots/sweeps.png",
+            caption="../reports/captions/sweeps.rst",
+            category="Across models",
+            labels={"figure": "Sweeps"},
+        ),
         f1=report(
             f"{RESULTS}/plots/f1_heatmap.png",
             caption="../reports/captions/f1_heatmap.rst",

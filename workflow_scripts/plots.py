@@ -91,7 +91,7 @@ def overlay(histories: dict[str, pd.DataFrame], path: Path) -> None:
 def ladder(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
     """The whole ladder at a glance: the study's validation accuracy per rung beside ours
     (validation and test, mean over seeds)."""
-    names = [n for n in info if info[n]["table"] == 1 and n in metrics]
+    names = [n for n in info if info[n]["table"] == 1 and not info[n].get("sweep") and n in metrics]
     x = np.arange(len(names))
     study = [(info[n].get("published") or {}).get("val_accuracy") or np.nan for n in names]
     ours = {split: [np.mean([m[split]["accuracy"] for m in metrics[n]]) for n in names] for split in ("val", "test")}
@@ -126,6 +126,46 @@ def forest(frame: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("difference in test accuracy (95 % paired bootstrap interval)")
     ax.set_title("Did each step help? (green: improved, grey: no significant change, red: worse)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def sweeps(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
+    """Validation accuracy against each swept setting (mean ± std over seeds): one row of panels
+    per sweep, one line per combination of its other settings."""
+    by_sweep: dict[str, list[str]] = {}
+    for name, entry in info.items():
+        if entry.get("sweep") and name in metrics:
+            by_sweep.setdefault(entry["sweep"], []).append(name)
+    if not by_sweep:
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no sweeps in this run", ha="center")
+        _save(fig, path)
+        return
+    width = max(len(info[names[0]]["sweep_params"]) for names in by_sweep.values())
+    fig, axes = plt.subplots(len(by_sweep), width, figsize=(4.6 * width, 3.4 * len(by_sweep)), squeeze=False)
+    for row, (sweep, names) in enumerate(by_sweep.items()):
+        params = list(info[names[0]]["sweep_params"])
+        for col, param in enumerate(params):
+            ax, others = axes[row][col], [p for p in params if p != param]
+            values = list(dict.fromkeys(info[n]["sweep_params"][param] for n in names))
+            lines: dict[tuple, dict] = {}
+            for n in names:
+                key = tuple(info[n]["sweep_params"][p] for p in others)
+                accs = [m["val"]["accuracy"] for m in metrics[n]]
+                lines.setdefault(key, {})[info[n]["sweep_params"][param]] = (np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0)  # noqa: E501
+            for key, points in lines.items():
+                xs = [i for i, v in enumerate(values) if v in points]
+                label = ", ".join(f"{p}={v}" for p, v in zip(others, key)) or "all"
+                ax.errorbar(xs, [points[values[i]][0] for i in xs], yerr=[points[values[i]][1] for i in xs],
+                            marker="o", capsize=3, label=label)  # fmt: skip
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+            ax.set_xlabel(param)
+            ax.set_ylabel("validation accuracy")
+            ax.set_title(f"sweep {sweep}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for col in range(len(params), width):
+            axes[row][col].axis("off")
     _save(fig, path)
 
 
@@ -164,7 +204,7 @@ def main(models: str, metrics: list[str], histories: list[str], outdir: str, ste
 
     order = [n for n in info if any(n == k[0] for k in by_run)]
     first_seed = {n: min(s for (m, s) in by_run if m == n) for n in order}
-    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n]["table"] == 1}
+    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n]["table"] == 1 and not info[n].get("sweep")}
     overlay(table1, out / "ladder_overlay.png")
     ladder(info, {n: [m for (k, _), (m, _) in by_run.items() if k == n] for n in order}, out / "ladder_accuracy.png")
     f1 = pd.DataFrame(
@@ -172,7 +212,8 @@ def main(models: str, metrics: list[str], histories: list[str], outdir: str, ste
     ).T
     f1.columns = list(next(iter(by_run.values()))[0]["test"]["per_class"])
     f1_heatmap(f1, out / "f1_heatmap.png")
-    written += [out / "ladder_overlay.png", out / "ladder_accuracy.png", out / "f1_heatmap.png"]
+    sweeps(info, {n: [m for (k, _), (m, _) in by_run.items() if k == n] for n in order}, out / "sweeps.png")
+    written += [out / "ladder_overlay.png", out / "ladder_accuracy.png", out / "f1_heatmap.png", out / "sweeps.png"]
     if steps:  # Table 4's numbers (report.py wrote them)
         frame = pd.read_csv(steps) if Path(steps).stat().st_size > 1 else pd.DataFrame()
         forest(frame, out / "steps_forest.png")

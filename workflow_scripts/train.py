@@ -99,7 +99,8 @@ def main(
     resumed_from = state.latest.epoch if state.latest else 0
     if resumed_from:
         log.info("resuming after epoch %d (phase %d) from %s", resumed_from, state.latest.phase, state.latest.path)
-    fit = training.fit_phases(model, spec, seed, state, train, val, env["jit_compile"], evaluate_on=test)
+    live = str(Path(model_out).parent / "tensorboard")  # under the job's results folder, for `tensorboard --logdir`
+    fit = training.fit_phases(model, spec, seed, state, train, val, env["jit_compile"], evaluate_on=test, tensorboard=live)
     history = training.history_frame(fit["rows"], job)
 
     with atomic_path(model_out, suffix=".keras") as tmp:

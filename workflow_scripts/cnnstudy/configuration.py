@@ -16,16 +16,17 @@ from typing import Any
 import jsonschema
 import yaml
 
+from . import sweeps
 from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 # Keys that describe one entry and are never inherited through `base:` (a rung run with three
 # seeds does not make the next rung run three).
-OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim")
+OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim", "sweep", "sweep_params")
 # Keys that never change how a model trains (they describe it, place it in the report, or
 # matter only at evaluation): changing them retrains nothing.
-NOT_FOR_TRAINING = ("base", "note", "published", "table", "seeds", "compare_to", "claim", "tta")
+NOT_FOR_TRAINING = ("base", "note", "published", "table", "seeds", "compare_to", "claim", "tta", "sweep", "sweep_params")
 TABLE_OF_ENTRIES = {1: "table1", 2: "table2"}  # an entry's `table` number -> report table
 
 
@@ -212,14 +213,15 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
         validate(spec, entry_schema, what=f"model {name} after inheritance", fill_defaults=True)
 
     selected = config.get("run_models")
-    if selected:
-        unknown = [m for m in selected if m not in resolved]
+    if selected:  # entry names, or sweep names (all of a sweep's points)
+        sweep_names = {spec["sweep"] for spec in resolved.values() if spec.get("sweep")}
+        unknown = [m for m in selected if m not in resolved and m not in sweep_names]
         if unknown:
             raise ConfigError(
                 f"run_models: unknown model name(s) {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join(resolved)}"
+                f"known: {', '.join([n for n, s in resolved.items() if not s.get('sweep')] + sorted(sweep_names))}"
             )
-        resolved = {name: spec for name, spec in resolved.items() if name in selected}
+        resolved = {name: spec for name, spec in resolved.items() if name in selected or spec.get("sweep") in selected}
     return resolved
 
 
@@ -227,7 +229,10 @@ def load(config: dict, schema_path: Path = SCHEMA_PATH) -> dict[str, dict]:
     """Validate the whole config (filling defaults in place) and return the resolved models."""
     schema = load_schema(schema_path)
     validate(config, schema)
-    return resolve_models(config, schema)
+    entry_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/model_entry"}
+    sweeps.check_paths(config["sweeps"], lambda entry: validate(entry, entry_schema, "a sweep point", fill_defaults=False))
+    points = sweeps.expand(config["sweeps"], [entry["name"] for entry in config["models"]], config["seeds"])
+    return resolve_models({**config, "models": [*config["models"], *points]}, schema)
 
 
 # ---- views of a resolved entry: what every rule and script reads -------------------------

@@ -53,6 +53,8 @@ def steps(models: dict) -> list[tuple[str, str]]:
     """(entry, the entry it changes), in config order."""
     pairs = []
     for name, spec in models.items():
+        if spec.get("sweep"):  # sweep points have their own table
+            continue
         reference = spec.get("compare_to") or spec.get("base")
         if reference in models:
             pairs.append((name, reference))

@@ -153,7 +153,7 @@ LADDER_NOTE = (
 
 def ladder_table(number: int):
     def build(inputs: Inputs):
-        members = [n for n, e in inputs.models.items() if e["table"] == number]
+        members = [n for n, e in inputs.models.items() if e["table"] == number and not e.get("sweep")]
         agg = aggregate(inputs.runs, members) if len(inputs.runs) else pd.DataFrame()
         timed = any(inputs.models[n]["time_to_accuracy"] for n in agg.index)
         columns = [Column("model", "Model", show=lambda r: r["model"] + (f" {STALE}" if r["trained_by_other_code"] else "")),
@@ -236,7 +236,8 @@ ANNEX_NOTE = (
 
 
 def annex_table(inputs: Inputs):
-    agg = aggregate(inputs.runs, list(inputs.models)) if len(inputs.runs) else pd.DataFrame()
+    ladder = [n for n, e in inputs.models.items() if not e.get("sweep")]
+    agg = aggregate(inputs.runs, ladder) if len(inputs.runs) else pd.DataFrame()
     sizes = inputs.runs.groupby("model")[["params", "layers"]].first() if len(inputs.runs) else None
     rows = []
     for name, row in agg.iterrows():
@@ -286,6 +287,88 @@ def steps_table(inputs: Inputs):
     return frame, columns, stats.footnote(frame, inputs.runs)
 
 
+# ---- sweeps ---------------------------------------------------------------------------------------
+
+SWEEP_NOTE = (
+    "Every point of every sweep (sweeps: in config.yaml): the settings it varies, then mean ± standard "
+    "deviation over its n seeds. Choose settings by the validation columns; the test columns are reported, "
+    "not for choosing. Each point is an entry of its own: its name says its settings."
+)
+SWEEP_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "epochs_run")
+
+
+def sweep_table(inputs: Inputs):
+    points = {n: e for n, e in inputs.models.items() if e.get("sweep")}
+    agg = aggregate(inputs.runs, list(points)) if len(inputs.runs) and points else pd.DataFrame()
+    params = list(dict.fromkeys(p for e in points.values() for p in e["sweep_params"]))
+    rows = []
+    for name, row in agg.iterrows():
+        entry = points[name]
+        rows.append({"sweep": entry["sweep"], "model": name, **{p: entry["sweep_params"].get(p) for p in params},
+                     **{f"{k}_{stat}": row[f"{k}_{stat}"] for k in SWEEP_METRICS for stat in ("mean", "std")},
+                     "n": int(row["n"])})  # fmt: skip
+    columns = [Column("sweep", "Sweep"), *(Column(p, p) for p in params)]
+    columns += [Column(f"{k}_mean", QUANTITIES[k][0], QUANTITIES[k][2], f"{k}_std") for k in SWEEP_METRICS]
+    columns += [Column("n", "n"), Column("model", "Entry")]
+    return pd.DataFrame(rows), columns, SWEEP_NOTE
+
+
+# ---- compare: chosen runs side by side, only what differs -----------------------------------------
+
+COMPARE_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "f1_macro", "epochs_run", "train_seconds")
+
+
+def settings(entry: dict) -> dict:
+    """An entry's settings as one flat dictionary, lists (layers, augmentation) summarised."""
+    flat = _flatten({**configuration.training_part(entry), "tta": entry["tta"]})
+    return {k: _show(k, v) if k in ("layers", "augmentation") else v for k, v in flat.items() if k != "name"}
+
+
+def compare_frame(models: dict, runs: pd.DataFrame, names: list[str] | None = None,
+                  sort: str = "val_accuracy", ascending: bool = False) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+    """One row per chosen entry (mean ± std over its seeds), the settings that differ among them
+    as columns, sorted by ``sort`` (any metric, or a setting). Returns (frame, setting columns)."""
+    names = [n for n in (names or list(models)) if n in set(runs["model"])]
+    if not names:
+        return pd.DataFrame(), []
+    flat = {n: settings(models[n]) for n in names}
+    keys = list(dict.fromkeys(k for f in flat.values() for k in f))
+    differ = [k for k in keys if len({json_key(flat[n].get(k)) for n in names}) > 1]
+    agg = aggregate(runs, names)
+    rows = [{"model": n, **{k: flat[n].get(k) for k in differ},
+             **{f"{q}_{s}": agg.loc[n, f"{q}_{s}"] for q in COMPARE_METRICS for s in ("mean", "std")},
+             "n": int(agg.loc[n, "n"])} for n in names]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    key = sort if sort in frame else f"{sort}_mean"
+    if key not in frame:
+        raise KeyError(f"cannot sort by {sort!r}: choose a metric ({', '.join(COMPARE_METRICS)}) or a setting that differs")
+    return frame.sort_values(key, ascending=ascending, kind="stable").reset_index(drop=True), differ
+
+
+def json_key(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def compare_columns(differ: list[str]) -> list[Column]:
+    columns = [Column("model", "Entry"), *(Column(k, k) for k in differ)]
+    columns += [Column(f"{q}_mean", QUANTITIES[q][0], QUANTITIES[q][2], f"{q}_std") for q in COMPARE_METRICS]
+    return columns + [Column("n", "n")]
+
+
+COMPARE_NOTE = (
+    "Every entry of the run side by side, best validation accuracy first; only the settings that differ "
+    "between entries are shown (lists of layers summarised). Mean ± std over n seeds. For a chosen set and "
+    "another order: python workflow_scripts/compare.py --results <results_dir> --models 'model_10*' --sort test_loss."
+)
+
+
+def compare_table(inputs: Inputs):
+    frame, differ = compare_frame(inputs.models, inputs.runs) if len(inputs.runs) else (pd.DataFrame(), [])
+    return frame, compare_columns(differ), COMPARE_NOTE
+
+
 # ---- provenance and benchmarks -----------------------------------------------------------------------
 
 
@@ -329,6 +412,8 @@ REGISTRY = [
     Table("table2", "Table 2 - Transfer learning", "table", ladder_table(2)),
     Table("table3", "Table 3 - The models: what changes from rung to rung", "table3", annex_table),
     Table("table4", "Table 4 - Did each step help? Paired tests on the test set", "table4", steps_table, ("metrics", "probs")),
+    Table("sweeps", "Sweeps: every point, mean ± std over seeds", "sweeps", sweep_table),
+    Table("compare", "All runs compared: what differs, sorted by validation accuracy", "compare", compare_table),
     Table("provenance", "Provenance of every result", "provenance", provenance_table),
     Table("benchmarks", "Benchmarks: wall time and peak memory per job", "benchmarks", benchmark_table, ("metrics", "benchmarks")),
 ]

@@ -179,12 +179,14 @@ def phases(spec: dict) -> list[dict]:
     return result
 
 
-def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, jit, evaluate_on=None) -> dict:
+def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, jit, evaluate_on=None,
+               tensorboard: str | None = None) -> dict:  # fmt: skip
     """Train ``model`` through every phase of ``spec``, resuming from ``state``'s checkpoint.
 
     ``train`` and ``val`` are (images, one-hot labels); ``evaluate_on`` (images, labels)
-    records the evaluated test accuracy after every epoch. Returns the history rows, the
-    kept epoch and whether early stopping ended training.
+    records the evaluated test accuracy after every epoch; ``tensorboard`` is a folder for
+    TensorBoard's event files (live curves: ``tensorboard --logdir results/``). Returns the
+    history rows, the kept epoch and whether early stopping ended training.
     """
     (x, y), steps = train, datasets.steps_per_epoch(len(train[0]), spec["batch_size"])
     val_ds = datasets.eval_dataset(*val, spec["batch_size"])
@@ -212,6 +214,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         callbacks = [EpochSeeds(seed), EpochLogger(len(x), total, index), keras.callbacks.TerminateOnNaN(raise_error=True)]
         if evaluate_on is not None:
             callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
+        if tensorboard:  # after the callbacks that add to the epoch's logs; it only reads them
+            callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=False, update_freq="epoch"))
         callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
         try:
             model.fit(
