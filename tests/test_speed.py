@@ -229,11 +229,13 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
             assert row[key] > 0, key
         assert row["pipeline/ceiling"] == pytest.approx(row["workflow img/s"] / row["ceiling img/s"])
         assert row["workflow/baseline"] == pytest.approx(row["workflow img/s"] / row["baseline img/s"])
+        assert 0 < row["workflow/peak"] < 2 and row["train GFLOP/img"] > 0 and row["peak bf16/f32"] > 0
     conc = result["concurrency"]
     assert [r["concurrent jobs"] for r in conc] == [1, 2] and [r["threads per job"] for r in conc] == [4, 2]
     assert all(r["TF intra-op threads"] <= runtime.available_cpus() for r in conc)
     text = out.read_text()
     assert "| model_17" in text and "pipeline/ceiling" in text and "## Concurrent training jobs" in text
+    assert "## Against the machine's peak" in text and "workflow/peak" in text
 
 
 def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):
@@ -251,3 +253,21 @@ def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):
     assert moved.shape == image.shape and not np.allclose(moved, image)
     batches = augmentation.flow(image[None].repeat(10, 0), np.eye(10, dtype="float32"), batch_size=4)
     assert len(batches) == 3 and batches[2][0].shape == (2, 32, 32, 3)
+
+
+def test_flops_are_counted_from_the_layers_by_hand_arithmetic():
+    from cnnstudy import flops
+
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3, padding="same"),   # 8x8 outputs x 4 filters x (3x3x3) multiply-adds
+        keras.layers.BatchNormalization(),           # elementwise: not counted
+        keras.layers.MaxPooling2D(),                 # -> 4x4x4
+        keras.layers.Conv2D(5, 2, padding="valid"),  # 3x3 outputs x 5 filters x (2x2x4)
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),                      # 45 x 10
+    ])  # fmt: skip
+    expected = 2 * (8 * 8 * 4 * 3 * 3 * 3 + 3 * 3 * 5 * 2 * 2 * 4 + 45 * 10)
+    assert flops.forward_flops(model) == expected
+    peak = flops.matmul_peak("float32", size=256, seconds=0.3)
+    assert 1e8 < peak < 1e14  # a CPU core does between 0.1 GFLOP/s and 100 TFLOP/s

@@ -188,10 +188,15 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
             train_rates[path].append(_epoch_rate(model, len(x), **fit))
             if predict:
                 eval_rates[path].append(_predict_rate(model, len(x_test), **predict))
+    from cnnstudy import flops
+
+    per_image = flops.TRAIN_FACTOR * flops.forward_flops(setups[paths[0]][0])
+    peaks = {dtype: flops.matmul_peak(dtype) for dtype in ("bfloat16", "float32")}  # same process, right after
     return {
         path: {
             "path": path, "precision": settings[path][0], "XLA": settings[path][1],
             "intra_op": intra, "batch": batch, "train img/s": float(np.median(train_rates[path])),
+            "train FLOPs/img": per_image, "peak FLOP/s": peaks,
             **({"eval img/s": float(np.median(eval_rates[path]))} if path in eval_rates else {}),
         }
         for path in paths
@@ -232,6 +237,14 @@ def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: 
     }  # fmt: skip
     row["pipeline/ceiling"] = row["workflow img/s"] / row["ceiling img/s"]
     row["workflow/baseline"] = row["workflow img/s"] / row["baseline img/s"]
+    peaks, per_image = got["workflow"]["peak FLOP/s"], got["workflow"]["train FLOPs/img"]
+    policy = "bfloat16" if "bfloat16" in got["workflow"]["precision"] else "float32"
+    row["train GFLOP/img"] = per_image / 1e9
+    row["workflow GFLOP/s"] = per_image * row["workflow img/s"] / 1e9
+    row[f"peak GFLOP/s ({policy})"] = peaks[policy] / 1e9
+    row["workflow/peak"] = per_image * row["workflow img/s"] / peaks[policy]
+    row["baseline/peak (float32)"] = per_image * row["baseline img/s"] / peaks["float32"]
+    row["peak bf16/f32"] = peaks["bfloat16"] / peaks["float32"]
     log.info("%s", json.dumps(row, default=str))
     return row
 
@@ -291,6 +304,8 @@ def main(
         ["model", "precision", "XLA", "batch size", "workflow img/s", "ceiling img/s", "pipeline/ceiling",
          "baseline img/s", "workflow/baseline", "eval img/s", "baseline eval img/s", "workflow img/s, each process"]
     ]  # fmt: skip
+    peak_columns = [c for c in rows[0] if "FLOP" in c or "peak" in c]
+    peak_table = pd.DataFrame(rows)[["model", *peak_columns]]
     text = "\n".join([
         "# Throughput benchmark",
         "",
@@ -300,7 +315,8 @@ def main(
         f"processes; in each, the three paths take turns for {rounds} epochs (medians reported) after an "
         "untimed warm-up epoch, so they share whatever speed that process got (on a small VM a TensorFlow "
         "process can land in a slow mode for its whole life); the process with the fastest workflow path is "
-        "kept. Concurrent jobs: one process each, as in a real run.",
+        "kept. Concurrent jobs: one process each, as in a real run. Absolute figures are this machine's on "
+        "this day (a small VM's speed varies by up to 2x from day to day); compare ratios within one row.",
         "",
         "Training images/s: *workflow* is the training job's own path (tf.data, in-model augmentation, "
         "the precision the job picks); *ceiling* feeds the same model one in-memory batch (no input work); "
@@ -309,6 +325,16 @@ def main(
         f"on the {n_test} test images.",
         "",
         table.to_markdown(index=False, floatfmt=".2f"),
+        "",
+        "## Against the machine's peak",
+        "",
+        "Training FLOPs per image are counted from the model's layers (cnnstudy/flops.py): the multiply-adds of "
+        "convolutions and dense layers, 2 FLOPs each, times 3 for a training step (forward, input gradient, "
+        "weight gradient); elementwise work is not counted. The peak is the sustained rate of large square "
+        "`tf.linalg.matmul`s (2048x2048, bfloat16 and float32), measured in the same process right after the "
+        "training rows. workflow/peak: the workflow path's training FLOP/s over the peak of its precision.",
+        "",
+        peak_table.to_markdown(index=False, floatfmt=".3f"),
         "",
         f"## Concurrent training jobs ({concurrency_model}, workflow path, {images} images each)",
         "",
