@@ -29,8 +29,8 @@ def test_slurm_profile_plans_the_dag_with_the_right_resources(tmp_path):
     proc = snakemake("--profile", SLURM_PROFILE, "--workflow-profile", "none", "-n", "--cores", "64",
                      "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz")  # fmt: skip
     jobs = _jobs(proc.stdout)
-    # 17 entries, model_10 and model_17 with three seeds each
-    assert jobs["train"] == jobs["evaluate"] == 21 and jobs["fetch_weights"] == 3
+    # 18 entries, model_10, model_17 and model_18 with three seeds each
+    assert jobs["train"] == jobs["evaluate"] == 24 and jobs["fetch_weights"] == 3
     train = {re.search(r"wildcards: model=(\w+)", b)[1]: b for b in _job_blocks(proc.stdout, "train")}
     for model, minutes in (("model_10", 90), ("model_15", 180)):
         resources = re.search(r"resources: (.*)", train[model])[1]

@@ -57,7 +57,7 @@ def test_html_report_renders_tables_and_figures(tiny_run, tmp_path):
         frame = next(f for f in page.frames if "table1.html" in f.url)
         text = frame.inner_text("body")
         assert "Table 1 - Custom CNNs" in text and "model_10" in text and "Train accuracy (study)" in text
-        assert frame.locator("tr").count() == 13  # header + 11 rungs + model_17
+        assert frame.locator("tr").count() == 14  # header + 11 rungs + model_17 + model_18
         page.screenshot(path=str(tmp_path / "table1.png"))
 
         _open_item(page, report, "Tables", "Table 3 - The models")

@@ -271,3 +271,39 @@ def test_flops_are_counted_from_the_layers_by_hand_arithmetic():
     assert flops.forward_flops(model) == expected
     peak = flops.matmul_peak("float32", size=256, seconds=0.3)
     assert 1e8 < peak < 1e14  # a CPU core does between 0.1 GFLOP/s and 100 TFLOP/s
+
+
+def test_conv_muon_orthogonalises_conv_steps_and_takes_nesterov_sgd_elsewhere():
+    kernel = keras.Variable(np.random.default_rng(0).normal(size=(3, 3, 4, 8)).astype("float32"))
+    bias = keras.Variable(np.zeros(8, "float32"))
+    opt = optimizers.ConvMuon(learning_rate=0.1, momentum=0.5, nesterov=True, muon_scale=2.0, muon_momentum=0.6)
+    opt.build([kernel, bias])
+    grad_k = np.random.default_rng(1).normal(size=(3, 3, 4, 8)).astype("float32")
+    grad_b = np.ones(8, "float32")
+    before = kernel.numpy()
+    opt.apply([grad_k, grad_b], [kernel, bias])
+    # Elsewhere: PyTorch's Nesterov SGD, first step: buffer = g, step = g + 0.5 g.
+    assert np.allclose(bias.numpy(), -0.1 * 1.5 * grad_b)
+    # Conv kernel: rescaled to norm sqrt(cout), then a step of 0.2 along the orthogonalised momentum.
+    normalised = before * np.sqrt(8) / np.linalg.norm(before)
+    step = (normalised - kernel.numpy()) / 0.2
+    singular = np.linalg.svd(step.reshape(-1, 8), compute_uv=False)
+    assert singular.min() > 0.3 and singular.max() < 1.6  # Newton-Schulz: roughly orthogonal (U S' V^T)
+    direction = (grad_k + 0.6 * grad_k).reshape(-1, 8)
+    assert np.sum(step.reshape(-1, 8) * direction) > 0  # along the gradient's direction
+
+
+def test_model_18_builds_and_trains_an_epoch(tiny_data, ladder_specs, tmp_path):
+    from cnnstudy.layers import PatchWhitening
+
+    spec = copy.deepcopy(ladder_specs["model_18"])
+    assert spec["optimizer"]["name"] == "conv_muon" and spec["epochs"] * 45_000 <= 400_000
+    spec.update(epochs=2, batch_size=100)
+    out = _outputs(tmp_path)
+    info = train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), threads=2)
+    history = pd.read_csv(out["history_out"])
+    assert history["epoch"].tolist() == [1, 2] and np.isfinite(history["loss"]).all()
+    assert history["test_accuracy"].between(0, 1).all() and info["epochs_run"] == 2
+    model = keras.saving.load_model(out["model_out"])
+    whitening = next(layer for layer in model.layers if isinstance(layer, PatchWhitening))
+    assert whitening.bias_epochs == 3 and float(whitening.bias_on.numpy()) == 1.0  # still training its bias

@@ -25,12 +25,16 @@ class PatchWhitening(keras.layers.Layer):
     following ReLU/GELU keeps both signs). ``adapt(images)`` computes them from the data,
     as a Keras Normalization layer adapts. The bias starts at minus the filters' response to
     the mean patch, so the outputs start centred (airbench normalises its inputs first); it
-    stays trainable.
+    stays trainable. Options of airbench94_muon: ``bias_lr_multiplier`` (the bias learns that
+    many times faster, by the reparametrisation of ``Bias``) and ``bias_epochs`` (the bias trains
+    for the first epochs only; training.EpochSeeds' sibling ``FreezeWhiteningBias`` sets it).
     """
 
-    def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, samples: int = 5000, **kwargs):
+    def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, samples: int = 5000,
+                 bias_lr_multiplier: float = 1.0, bias_epochs: int | None = None, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.kernel_size, self.epsilon, self.samples = int(kernel_size), float(epsilon), int(samples)
+        self.bias_lr_multiplier, self.bias_epochs = float(bias_lr_multiplier), bias_epochs
 
     def build(self, input_shape):
         k, channels = self.kernel_size, input_shape[-1]
@@ -38,6 +42,8 @@ class PatchWhitening(keras.layers.Layer):
             shape=(k, k, channels, 2 * k * k * channels), initializer="zeros", trainable=False, name="kernel"
         )
         self.bias = self.add_weight(shape=(2 * k * k * channels,), initializer="zeros", name="bias")
+        if self.bias_epochs is not None:  # 1 while the bias trains, 0 after (a variable: checkpoints keep it)
+            self.bias_on = self.add_weight(shape=(), initializer="ones", trainable=False, name="bias_on")
 
     def adapt(self, images: np.ndarray) -> None:
         """Set the filters from (up to ``samples``) training images, NHWC in [0, 1]."""
@@ -49,18 +55,24 @@ class PatchWhitening(keras.layers.Layer):
         filters = eigenvectors / np.sqrt(eigenvalues + self.epsilon)  # one filter per column
         filters = np.concatenate([filters, -filters], axis=1)
         self.kernel.assign(filters.reshape(self.kernel.shape).astype("float32"))
-        self.bias.assign((-patches.mean(axis=0) @ filters).astype("float32"))
+        self.bias.assign((-patches.mean(axis=0) @ filters / math.sqrt(self.bias_lr_multiplier)).astype("float32"))
 
     def call(self, images):
         kernel = keras.ops.cast(self.kernel, images.dtype)
-        return keras.ops.conv(images, kernel, padding="valid") + keras.ops.cast(self.bias, images.dtype)
+        bias = self.bias
+        if self.bias_lr_multiplier != 1.0:
+            bias = bias * math.sqrt(self.bias_lr_multiplier)
+        if self.bias_epochs is not None:
+            bias = self.bias_on * bias + (1.0 - self.bias_on) * keras.ops.stop_gradient(bias)
+        return keras.ops.conv(images, kernel, padding="valid") + keras.ops.cast(bias, images.dtype)
 
     def compute_output_shape(self, input_shape):
         k = self.kernel_size
         return (input_shape[0], input_shape[1] - k + 1, input_shape[2] - k + 1, 2 * k * k * input_shape[-1])
 
     def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon, "samples": self.samples}
+        return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon, "samples": self.samples,
+                "bias_lr_multiplier": self.bias_lr_multiplier, "bias_epochs": self.bias_epochs}  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="cnnstudy")

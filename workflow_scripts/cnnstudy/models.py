@@ -93,10 +93,11 @@ def build_model(
         _, x = _add_backbone(x, spec, weights_path)
     for i, item in enumerate(flat_layers(spec["layers"])):
         x = _layer(item, spec, i)(x)
-    scale = spec["output"]["logit_scale"]
+    scale, stddev = spec["output"]["logit_scale"], spec["output"]["kernel_stddev"]
     outputs = keras.layers.Dense(
         num_classes,
         use_bias=spec["output"]["use_bias"],
+        **({"kernel_initializer": keras.initializers.RandomNormal(stddev=stddev)} if stddev else {}),
         activation=None if scale else "softmax",
         dtype="float32",
         name="logits" if scale else "predictions",

@@ -2,9 +2,77 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
+from keras import ops
 
 from .errors import ConfigError
+
+
+@keras.saving.register_keras_serializable(package="cnnstudy")
+class ConvMuon(keras.optimizers.Optimizer):
+    """airbench94_muon's optimizers in one Keras optimizer: Muon for the conv kernels, Nesterov
+    SGD for everything else.
+
+    Keras' own ``keras.optimizers.Muon`` applies Muon to 2-D variables only and AdamW to the
+    rest, conv kernels included. Here a (kh, kw, cin, cout) kernel is the (kh*kw*cin, cout)
+    matrix Muon is meant for: its Nesterov momentum (``muon_momentum``) is orthogonalised by
+    ``ns_steps`` quintic Newton-Schulz iterations, and, as in airbench, the kernel is first
+    rescaled to Frobenius norm sqrt(cout), so its step size is set by ``muon_learning_rate``
+    alone. Other variables take PyTorch-style Nesterov SGD (buffer = momentum * buffer + g, step
+    g + momentum * buffer) at ``learning_rate``. The Muon rate is ``muon_scale`` x the learning
+    rate, so a schedule moves both together. Decoupled weight decay (Keras' ``weight_decay``)
+    shrinks every variable; on the normalised kernels it has no effect.
+    """
+
+    NS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's coefficients
+
+    def __init__(self, learning_rate=0.01, momentum=0.85, nesterov=True, muon_scale=1.0, muon_momentum=0.6,
+                 ns_steps=3, name="conv_muon", **kwargs):  # fmt: skip
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.muon_scale, self.muon_momentum, self.ns_steps = float(muon_scale), float(muon_momentum), int(ns_steps)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.buffers = self.add_optimizer_variables(variables, "momentum")
+
+    @classmethod
+    def orthogonalise(cls, g, steps: int):
+        """Newton-Schulz: ``g`` (rows, cols) -> roughly U V^T of its SVD (singular values ~0.5-1.5)."""
+        a, b, c = cls.NS
+        x = g / (ops.sqrt(ops.sum(ops.square(g))) + 1e-7)
+        tall = g.shape[0] > g.shape[1]
+        if tall:
+            x = ops.transpose(x)
+        for _ in range(steps):
+            gram = ops.matmul(x, ops.transpose(x))
+            x = a * x + ops.matmul(b * gram + c * ops.matmul(gram, gram), x)
+        return ops.transpose(x) if tall else x
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        g = ops.cast(gradient, variable.dtype)
+        buffer = self.buffers[self._get_variable_index(variable)]
+        momentum = self.muon_momentum if len(variable.shape) == 4 else self.momentum
+        self.assign(buffer, ops.add(ops.multiply(buffer, momentum), g))
+        step = ops.add(g, ops.multiply(buffer, momentum)) if self.nesterov else buffer
+        if len(variable.shape) == 4:
+            cout = variable.shape[-1]
+            norm = ops.sqrt(ops.sum(ops.square(variable)))
+            self.assign(variable, ops.multiply(variable, math.sqrt(cout) / norm))
+            update = self.orthogonalise(ops.reshape(step, (-1, cout)), self.ns_steps)
+            self.assign_sub(variable, ops.multiply(ops.reshape(update, variable.shape), lr * self.muon_scale))
+        else:
+            self.assign_sub(variable, ops.multiply(step, lr))
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov, "muon_scale": self.muon_scale,
+                "muon_momentum": self.muon_momentum, "ns_steps": self.ns_steps}  # fmt: skip
+
 
 OPTIMIZERS = {
     "sgd": keras.optimizers.SGD,
@@ -12,9 +80,11 @@ OPTIMIZERS = {
     "adamw": keras.optimizers.AdamW,
     "rmsprop": keras.optimizers.RMSprop,
     "nadam": keras.optimizers.Nadam,
+    "conv_muon": ConvMuon,
 }
 # Optimizer settings that only some optimizers accept.
-ONLY_FOR = {"momentum": ("sgd", "rmsprop"), "nesterov": ("sgd",)}
+ONLY_FOR = {"momentum": ("sgd", "rmsprop", "conv_muon"), "nesterov": ("sgd", "conv_muon"),
+            "muon_learning_rate": ("conv_muon",), "muon_momentum": ("conv_muon",)}  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="cnnstudy")
@@ -45,6 +115,8 @@ def make_optimizer(spec: dict, steps_per_epoch: int) -> keras.optimizers.Optimiz
         if key in settings and name not in allowed:
             raise ConfigError(f"model {spec['name']}: optimizer {name} takes no {key!r} (only {', '.join(allowed)})")
     learning_rate = settings.pop("learning_rate")
+    if "muon_learning_rate" in settings:  # the Muon rate follows the schedule as a fixed multiple
+        settings["muon_scale"] = settings.pop("muon_learning_rate") / learning_rate
     schedule = spec["schedule"]
     if schedule:
         total = max(1, spec["epochs"] * steps_per_epoch)

@@ -52,6 +52,18 @@ class EpochSeeds(keras.callbacks.Callback):
             state.assign(np.array([epoch_seed(self.seed, epoch, index), 0]).astype(state.dtype))
 
 
+class FreezeWhiteningBias(keras.callbacks.Callback):
+    """A PatchWhitening layer with ``bias_epochs`` trains its bias in epochs 0 .. bias_epochs-1
+    only (airbench94_muon); set at the start of every epoch from the epoch alone."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from .layers import PatchWhitening
+
+        for layer in self.model.layers:
+            if isinstance(layer, PatchWhitening) and layer.bias_epochs is not None:
+                layer.bias_on.assign(1.0 if epoch < layer.bias_epochs else 0.0)
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Adds learning rate, phase, epoch time and throughput to the logs; one progress line per epoch."""
 
@@ -211,7 +223,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         # Finished, or stopped early, before the kill: a fit of no epochs restores the
         # checkpoint and ends as the uninterrupted fit ended (EMA values, best weights).
         last = first if stopped or first >= end else end
-        callbacks = [EpochSeeds(seed), EpochLogger(len(x), total, index), keras.callbacks.TerminateOnNaN(raise_error=True)]
+        callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(len(x), total, index),
+                     keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
         if evaluate_on is not None:
             callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
         if tensorboard:  # after the callbacks that add to the epoch's logs; it only reads them
