@@ -76,7 +76,8 @@ def record(client, experiment_id: str, entry: dict, m: dict, history: pd.DataFra
     tags = {**identity, "table": str(entry["table"]), "sweep": entry.get("sweep") or "",
             "git_commit": trained.get("git_commit") or "", "code_hash": trained.get("code_hash") or "",
             "mlflow.runName": f"{m['model']} seed {m['seed']}"}  # fmt: skip
-    run_id = found[0].info.run_id if found else client.create_run(experiment_id, tags=tags).info.run_id
+    started = int(float(trained.get("started") or 0) * 1000) or None  # the run's own times, not the recording's
+    run_id = found[0].info.run_id if found else client.create_run(experiment_id, start_time=started, tags=tags).info.run_id
     params = {**flatten(configuration.training_part(entry)), "tta": entry["tta"], "seed": str(m["seed"])}
     t0 = int(float(trained.get("finished") or 0) * 1000)  # fixed timestamps: re-recording stores nothing twice
     metrics = _metrics(m, history, t0)
