@@ -18,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from daemons import Daemons
 
 PACKAGES = ["slurm-wlm", "munge", "slurmdbd", "mariadb-server", "slurm-client"]
 # Declared, not real (SlurmdParameters=config_overrides): room for the profile's own job
@@ -49,12 +50,10 @@ def install() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True, timeout=900)
 
 
-class Cluster:
+class Cluster(Daemons):
     def __init__(self, root: Path):
-        self.root = Path(root).resolve()
+        super().__init__(root, {**os.environ, "SLURM_CONF": str(Path(root).resolve() / "slurm.conf")})
         self.host = socket.gethostname().split(".")[0]
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}
 
     # ---- configuration -----------------------------------------------------------------
     def _write_configs(self) -> None:
@@ -130,24 +129,6 @@ StorageLoc=slurm_acct_db
         os.chmod(dbd, 0o600)
 
     # ---- daemons ---------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str]) -> None:
-        log = open(self.root / "log" / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-
-    def _wait(self, what: str, check, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{self.logs()}")
-            if check():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"timed out waiting for {what}:\n{self.logs()}")
-
-    def _ok(self, *cmd: str) -> bool:
-        return subprocess.run(cmd, env=self.env, capture_output=True, timeout=30).returncode == 0
-
     def _link_default_config(self) -> None:
         """Point /etc/slurm/slurm.conf at this cluster's config while it runs.
 
@@ -206,27 +187,10 @@ StorageLoc=slurm_acct_db
 
     def stop(self) -> None:
         """Stop every daemon this object started, newest first; kill what does not stop."""
-        for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.time() + 20
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self._stop_daemons()
         if getattr(self, "linked", False) and SYSTEM_CONF.is_symlink():
             SYSTEM_CONF.unlink()
             self.linked = False
-
-    def logs(self) -> str:
-        parts = []
-        for path in sorted((self.root / "log").glob("*")):
-            text = path.read_text(errors="replace").splitlines()[-15:]
-            parts.append(f"--- {path.name}\n" + "\n".join(text))
-        return "\n".join(parts)
 
     def sacct(self, *fields: str) -> list[dict]:
         out = subprocess.run(
