@@ -225,11 +225,12 @@ def test_a_killed_job_resumes_bit_identically(kind, point, epoch, references, ti
     outs = _outs(tmp_path)
     if epoch is None:
         # Training ends, then the job dies before its outputs exist: here the model cannot be
-        # written (its folder is a file), which leaves the state exactly as such a kill would.
-        blocked = {**outs, "model_out": str(tmp_path / "blocker" / "model.keras")}
-        (tmp_path / "blocker").write_text("not a folder")
-        proc = subprocess.run(_cli(tiny_data, spec_file, blocked), capture_output=True, text=True, timeout=600)
-        assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0
+        # moved into place (a folder stands at its path), which leaves the state exactly as
+        # such a kill would.
+        Path(outs["model_out"]).mkdir()
+        proc = subprocess.run(_cli(tiny_data, spec_file, outs), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0, proc.stderr[-2000:]
+        Path(outs["model_out"]).rmdir()
     else:
         _kill_after(tiny_data, spec_file, outs, epoch)
     if "truncated" in point:

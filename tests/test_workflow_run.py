@@ -80,7 +80,7 @@ def test_changing_one_learning_rate_replans_only_that_model(tiny_run, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg, sort_keys=False))
     proc = snakemake("-n", "--directory", str(tiny_run["work"]), "--configfile", str(changed), TINY, *tiny_run["config"])
-    # model_info holds every resolved entry, plots and the tables read every evaluation: each redoes once.
+    # model_info holds every resolved entry, plots, tables and MLflow read every evaluation: each redoes once.
     assert _jobs(proc.stdout) == {
         "spec": 1,
         "train": 1,
@@ -88,6 +88,7 @@ def test_changing_one_learning_rate_replans_only_that_model(tiny_run, tmp_path):
         "model_info": 1,
         "plots": 1,
         "report": 1,
+        "track": 1,
         "all": 1,
     }
     assert set(re.findall(r"wildcards: model=(\w+)", proc.stdout)) == {"model_04"}
