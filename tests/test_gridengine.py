@@ -263,7 +263,8 @@ def test_training_job_killed_with_qdel_is_resubmitted_and_resumes(gridengine, tm
 def test_ctrl_c_deletes_the_running_jobs(gridengine, tmp_path):
     """The profile's cancel command: Snakemake interrupted with Ctrl-C runs qdel on its jobs."""
     mirror = require_mirror()
-    extra = _write(tmp_path / "long.yaml", {"run_models": ["model_01"], "model_overrides": {"epochs": 50}})
+    # Long enough to be running whenever the signal lands (50 epochs of the tiny data took 3 s).
+    extra = _write(tmp_path / "long.yaml", {"run_models": ["model_01"], "model_overrides": {"epochs": 3000}})
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **gridengine.client_env}
     cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *_profile_args(tmp_path, extra, mirror)]
     out = tmp_path / "snakemake.out"
@@ -277,7 +278,16 @@ def test_ctrl_c_deletes_the_running_jobs(gridengine, tmp_path):
             time.sleep(1)
         train = [j for j in gridengine.jobs() if j["name"] == "smk.train.model_01.0"]
         assert train and proc.poll() is None, (gridengine.jobs(), out.read_text()[-3000:])
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-C, pressed again (at most twice more) while Snakemake has not begun to stop: one
+        # SIGINT in a CI run went unanswered and the workflow ran to its end.
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                if "Terminating processes" in out.read_text():
+                    break
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
