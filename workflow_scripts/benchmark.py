@@ -151,7 +151,6 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     with np.load(data) as arrays:
         x, y, x_test = arrays["x_train"][:images], arrays["y_train"][:images], arrays["x_test"]
     import keras
-    import tensorflow as tf
 
     from cnnstudy import datasets, models
 
@@ -174,7 +173,7 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
         elif path == "ceiling":
             # Distinct batches, not one batch repeated: a model fed a single batch fits it within an
             # epoch (loss ~0.001) and then ran 30 % slower than the real path (model_10, measured).
-            fit = {"x": tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache()}  # filled by the warm-up
+            fit = {"x": datasets.eval_dataset(x, y, batch).cache()}  # in order; filled by the warm-up
             predict = None
         else:
             augmentation = StudyAugmentation(spec)
