@@ -85,6 +85,28 @@ def test_train_dataset_orders_each_epoch_from_seed_and_epoch_alone():
     assert datasets.epoch_order(6, 0, 100).tolist() != order[:100]  # another seed, another order
 
 
+def test_train_dataset_alternating_flip_and_drop_last():
+    rng = np.random.default_rng(3)
+    x = rng.random((100, 32, 32, 3), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(100) % 10]
+    plain, _ = _batches(datasets.train_dataset(x, y, batch_size=32, seed=5, epochs=3))
+    got, _ = _batches(datasets.train_dataset(x, y, 32, 5, 0, 3, drop_last=True, alternating_flip=True))
+    assert [len(b) for b in got] == [32, 32, 32] * 3  # the short batch of each epoch left out
+    assert datasets.steps_per_epoch(100, 32, drop_last=True) == 3 and datasets.steps_per_epoch(100, 32) == 4
+    mask = datasets.flip_mask(5, 100)
+    assert 30 < mask.sum() < 70  # about half
+    for epoch in range(3):
+        order = datasets.epoch_order(5, epoch, 100)[:96]  # the same order, its tail dropped
+        images = np.concatenate(got[3 * epoch : 3 * epoch + 3])
+        flipped = mask[order] ^ bool(epoch % 2)  # a random half, then the other way round
+        assert np.array_equal(images[flipped], x[order][flipped][:, :, ::-1])
+        assert np.array_equal(images[~flipped], x[order][~flipped])
+        assert np.array_equal(np.concatenate(plain[4 * epoch : 4 * epoch + 3]), x[order])
+    # resumed at epoch 1: the same flips
+    resumed, _ = _batches(datasets.train_dataset(x, y, 32, 5, 1, 3, drop_last=True, alternating_flip=True))
+    assert np.array_equal(np.concatenate(resumed), np.concatenate(got[3:]))
+
+
 def test_eval_dataset_keeps_order():
     x = np.random.default_rng(1).random((70, 32, 32, 3), dtype=np.float32)
     got = np.concatenate([b.numpy() for b in datasets.eval_dataset(x, None, batch_size=32)])
@@ -297,7 +319,8 @@ def test_model_18_builds_and_trains_an_epoch(tiny_data, ladder_specs, tmp_path):
     from cnnstudy.layers import PatchWhitening
 
     spec = copy.deepcopy(ladder_specs["model_18"])
-    assert spec["optimizer"]["name"] == "conv_muon" and spec["epochs"] * 45_000 <= 400_000
+    per_epoch = datasets.images_per_epoch(45_000, spec["batch_size"], spec["drop_last"])
+    assert spec["optimizer"]["name"] == "conv_muon" and spec["epochs"] * per_epoch <= 400_000
     spec.update(epochs=2, batch_size=100)
     out = _outputs(tmp_path)
     info = train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), threads=2)

@@ -15,25 +15,54 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0, epochs: int = 1):
+def flip_mask(seed: int, n: int) -> np.ndarray:
+    """Which training images run ``seed`` mirrors in its even epochs (airbench's alternating
+    flip: a random half in epoch 0, then every image the other way round in every next epoch)."""
+    return np.random.default_rng([seed, FLIP_STREAM]).random(n) < 0.5
+
+
+FLIP_STREAM = 0xF11F  # keeps the flip draws apart from epoch_order's (seed, epoch) streams
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0, epochs: int = 1,
+                  drop_last: bool = False, alternating_flip: bool = False):  # fmt: skip
     """Batches of epochs ``first_epoch`` .. ``epochs - 1``, each in its ``epoch_order``, prefetched.
 
     One dataset for the whole ``fit`` (used with ``steps_per_epoch``): an epoch's last,
-    smaller batch never mixes with the next epoch's images. A fit of no epochs (a resumed job
-    whose training had already ended) still gets one epoch's batches, which it never reads.
+    smaller batch never mixes with the next epoch's images; ``drop_last`` leaves it out, as
+    airbench's loader does. ``alternating_flip`` mirrors the images of ``flip_mask`` in even
+    epochs and the others in odd epochs. A fit of no epochs (a resumed job whose training had
+    already ended) still gets one epoch's batches, which it never reads.
     """
     import tensorflow as tf
 
-    orders = np.stack([epoch_order(seed, epoch, len(x)) for epoch in range(first_epoch, max(epochs, first_epoch + 1))])
+    n = len(x) - len(x) % batch_size if drop_last else len(x)
+    epoch_numbers = range(first_epoch, max(epochs, first_epoch + 1))
+    orders = np.stack([epoch_order(seed, epoch, len(x))[:n] for epoch in epoch_numbers])
     images, labels = tf.constant(x), tf.constant(y)
-    ds = tf.data.Dataset.from_tensor_slices(orders)
-    ds = ds.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
-    ds = ds.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    if not alternating_flip:
+        ds = tf.data.Dataset.from_tensor_slices(orders)
+        ds = ds.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+        ds = ds.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
+        return ds.prefetch(tf.data.AUTOTUNE)
+    mask = flip_mask(seed, len(x))
+    flips = np.stack([mask[order] ^ bool(epoch % 2) for order, epoch in zip(orders, epoch_numbers)])
+    ds = tf.data.Dataset.from_tensor_slices((orders, flips))
+    ds = ds.flat_map(lambda order, flip: tf.data.Dataset.from_tensor_slices((order, flip)).batch(batch_size))
+
+    def gather(index, flip):
+        batch = tf.gather(images, index)
+        return tf.where(flip[:, None, None, None], tf.reverse(batch, axis=[2]), batch), tf.gather(labels, index)
+
+    return ds.map(gather).prefetch(tf.data.AUTOTUNE)
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
+def images_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n - n % batch_size if drop_last else n
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def eval_dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int):

@@ -200,7 +200,9 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     TensorBoard's event files (live curves: ``tensorboard --logdir results/``). Returns the
     history rows, the kept epoch and whether early stopping ended training.
     """
-    (x, y), steps = train, datasets.steps_per_epoch(len(train[0]), spec["batch_size"])
+    (x, y), batch, drop_last = train, spec["batch_size"], spec["drop_last"]
+    steps = datasets.steps_per_epoch(len(x), batch, drop_last)
+    per_epoch = datasets.images_per_epoch(len(x), batch, drop_last)
     val_ds = datasets.eval_dataset(*val, spec["batch_size"])
     all_phases = phases(spec)
     total = sum(p["epochs"] for p in all_phases)
@@ -223,7 +225,7 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         # Finished, or stopped early, before the kill: a fit of no epochs restores the
         # checkpoint and ends as the uninterrupted fit ended (EMA values, best weights).
         last = first if stopped or first >= end else end
-        callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(len(x), total, index),
+        callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(per_epoch, total, index),
                      keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
         if evaluate_on is not None:
             callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
@@ -232,7 +234,7 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
         try:
             model.fit(
-                datasets.train_dataset(x, y, spec["batch_size"], seed, first, last),
+                datasets.train_dataset(x, y, batch, seed, first, last, drop_last, spec["alternating_flip"]),
                 steps_per_epoch=steps,
                 validation_data=val_ds,
                 initial_epoch=first,
