@@ -260,6 +260,29 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
     assert "## Against the machine's peak" in text and "workflow/peak" in text
 
 
+@pytest.mark.slow
+def test_profile_times_every_convolution_of_an_epoch(tiny_data, ladder_specs, tmp_path):
+    """profile_step.py: oneDNN's primitive lines of one epoch, its convolutions' FLOPs counted from their shapes."""
+    import profile_step
+
+    spec = tmp_path / "model_10.json"
+    spec.write_text(json.dumps({**ladder_specs["model_10"], "batch_size": 50}))
+    result = profile_step.main(str(tiny_data), str(spec), str(tmp_path / "profile.md"), images=120, threads=1, peak_seconds=0.3)
+    assert result["images"] == 100  # whole batches only
+    by_kind = result["by_kind"].set_index(["kind", "direction"])
+    conv = [k for k in by_kind.index if k[0] == "convolution"]
+    assert sorted(d for _, d in conv) == ["backward_data", "backward_weights", "forward_training"]
+    # The forward convolutions' FLOPs from oneDNN's shapes = the layers' own arithmetic x images.
+    model = models.build_model(ladder_specs["model_10"])
+    per_image = sum(
+        2 * np.prod(layer.kernel.shape) * layer.output.shape[1] * layer.output.shape[2]
+        for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+    )  # fmt: skip
+    assert by_kind.loc[("convolution", "forward_training"), "flops"] == 100 * per_image
+    assert (by_kind.loc[conv, "share"] > 0).all() and result["peaks"]["bfloat16"] > 0
+    assert "## Convolutions, largest first" in (tmp_path / "profile.md").read_text()
+
+
 def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):
     import benchmark
 
