@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from cnnstudy import models as _registers_custom_layers  # noqa: F401
+from cnnstudy.errors import JobError
 
 from conftest import SCRIPTS, TINY, require_mirror, snakemake
 from test_workflow_static import _jobs
@@ -218,6 +219,36 @@ def test_a_new_table_is_one_registry_entry(tiny_run, tmp_path, monkeypatch):
     written = report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path), only=["sizes"])
     assert set(written) == {"sizes"} and {p.name for p in tmp_path.iterdir()} == {f"sizes.{f}" for f in report.FORMATS}
     assert "| model_10 " in (tmp_path / "sizes.md").read_text()
+
+
+def test_publish_writes_the_study_folder_from_two_results_directories(tiny_run, tmp_path):
+    """publish.py: the study's run and a later rung run in a directory of its own, in one folder."""
+    import publish
+
+    results = tiny_run["work"] / "results" / "tiny"
+    study, later = tmp_path / "study", tmp_path / "later"
+    shutil.copytree(results / "specs", study / "specs")
+    shutil.copytree(results / "specs", later / "specs")
+    entries = json.loads((results / "specs" / "models.json").read_text())
+    (study / "specs" / "models.json").write_text(json.dumps({k: v for k, v in entries.items() if k != "model_18"}))
+    (later / "specs" / "models.json").write_text(json.dumps({"model_18": entries["model_18"]}))
+    for name in ("model_01", "model_02", "model_18"):
+        home = later if name == "model_18" else study
+        for sub in ("metrics", "models"):
+            shutil.copytree(results / sub / name, home / sub / name)
+    out = tmp_path / "published"
+    written = publish.main([str(study), str(later)], str(out))
+    assert written["runs"] == 3 and list(written["table1"]["model"]) == ["model_01", "model_02", "model_18"]
+    assert {p.name for p in (out / "histories").iterdir()} == {"model_01_seed0.csv", "model_02_seed0.csv", "model_18_seed0.csv"}
+    assert (out / "metrics" / "model_18_seed0.json").is_file() and (out / "figures" / "steps_forest.png").is_file()
+    readme = (out / "README.md").read_text()
+    assert "| model_18 |" in readme and "3 of " in readme
+    # An entry run in two places is refused, naming both; nothing is published then.
+    shutil.copytree(results / "metrics" / "model_01", later / "metrics" / "model_01")
+    (later / "specs" / "models.json").write_text(json.dumps({k: entries[k] for k in ("model_01", "model_18")}))
+    with pytest.raises(JobError, match=f"model_01 has runs in both {study} and {later}"):
+        publish.main([str(study), str(later)], str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_paired_statistics_come_from_scipy_and_statsmodels():
