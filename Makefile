@@ -37,7 +37,7 @@ test: setup
 
 # Publish a (finished or running) study run's small outputs into reports/study/, for git.
 publish: setup
-	python workflow_scripts/publish.py --results $(RESULTS) --out reports/study
+	python workflow_scripts/publish.py --results $(RESULTS) --out reports/study  # RESULTS may list several
 
 lint: setup
 	snakemake --lint
