@@ -280,7 +280,12 @@ def test_profile_times_every_convolution_of_an_epoch(tiny_data, ladder_specs, tm
     )  # fmt: skip
     assert by_kind.loc[("convolution", "forward_training"), "flops"] == 100 * per_image
     assert (by_kind.loc[conv, "share"] > 0).all() and result["peaks"]["bfloat16"] > 0
-    assert "## Convolutions, largest first" in (tmp_path / "profile.md").read_text()
+    # TensorFlow's trace of an epoch, by layer: the convolutions and the BatchNormalizations are there.
+    by_layer = result["by_layer"].set_index("layer")
+    assert by_layer.loc["conv2d", "share"] > 0.2 and by_layer["share"].sum() == pytest.approx(1)
+    assert "batchnormalization" in by_layer.index or "(each under 1 %, together)" in by_layer.index
+    text = (tmp_path / "profile.md").read_text()
+    assert "## Convolutions, largest first" in text and "## By layer (TensorFlow's trace" in text
 
 
 def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):

@@ -14,11 +14,17 @@ counts each convolution's FLOPs from its shape (2 per multiply-add), and sets it
 the bfloat16/float32 matmul peak measured in the same child. What oneDNN does not run (casts,
 TensorFlow's BatchNorm and elementwise kernels, the optimizer's updates) is the rest of the wall
 time. Threads: the primitives run on the intra-op pool, so their times are wall-clock times.
+The quiet child also traces one more epoch with TensorFlow's profiler and sums the time of every
+executed op by the layer it belongs to (conv layers' oneDNN kernels, BatchNormalization's ops,
+Dropout's, the augmentation layers', and the rest: gradients' sums, the optimizer), which names
+what the oneDNN view leaves as "not oneDNN".
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import os
 import re
 import subprocess
@@ -85,6 +91,37 @@ def child(data: str, spec_path: str, images: int, threads: int, precision: str, 
     print(f"=== wall {seconds} images {len(x)} policy {policy}", flush=True)
     for dtype in ("bfloat16", "float32"):
         print(f"=== peak {dtype} {flops.matmul_peak(dtype, seconds=peak_seconds)}", flush=True)
+    if os.environ.get("ONEDNN_VERBOSE") != "1":
+        for layer, ms in traced_epoch(model, batches).items():
+            print(f"=== op {ms} {layer}", flush=True)
+
+
+def traced_epoch(model, batches) -> dict[str, float]:
+    """Milliseconds of every op TensorFlow ran in one epoch, summed by the layer it belongs to."""
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # the trace's format, shipped with TensorFlow
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        model.fit(batches, epochs=1, verbose=0)
+        tf.profiler.experimental.stop()
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        space = xplane_pb2.XSpace.FromString(Path(path).read_bytes())
+    plane = next(p for p in space.planes if p.name == "/host:CPU")
+    totals: collections.Counter = collections.Counter()
+    for line in plane.lines:
+        if not line.name.startswith("tf_Compute"):  # the executor's ops (not Python, not tf.data)
+            continue
+        for event in line.events:
+            name = plane.event_metadata[event.metadata_id].name  # ".../<model>/<layer>_<i>_1/...:<OpType>"
+            if ":" not in name or name.startswith("ExecutorState"):
+                continue
+            scope, op = name.rsplit(":", 1)
+            layer = re.search(rf"{re.escape(model.name)}_\d+/([a-z0-9_]+?)(?:_\d+)?_\d+/", scope)
+            totals[layer.group(1) if layer else f"outside layers ({op})"] += event.duration_ps / 1e9
+    return dict(totals)
 
 
 def _run_child(args: list[str], verbose: bool) -> str:
@@ -119,6 +156,12 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
     by_kind["GFLOP/s"] = (by_kind["flops"] / by_kind["ms"] / 1e6).where(by_kind["flops"] > 0)
     by_kind["of peak"] = [f / (ms / 1e3) / peak(d) if f else float("nan") for f, ms, d in zip(by_kind["flops"], by_kind["ms"], by_kind["dtype"])]
     by_kind = by_kind.sort_values("ms", ascending=False)
+    ops = pd.DataFrame([line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
+                       columns=["ms", "layer"]).astype({"ms": float})  # fmt: skip
+    big = ops["ms"] >= 0.01 * ops["ms"].sum()
+    ops = pd.concat([ops[big], pd.DataFrame([{"layer": "(each under 1 %, together)", "ms": ops.loc[~big, "ms"].sum()}])])
+    ops = ops.sort_values("ms", ascending=False)[["layer", "ms"]]
+    ops["share"] = ops["ms"] / ops["ms"].sum()
     layers = prims[prims["kind"] == "convolution"].groupby(["direction", "shape", "impl", "dtype"], as_index=False)[["ms", "flops"]].sum()
     layers["of peak"] = [f / (ms / 1e3) / peak(d) for f, ms, d in zip(layers["flops"], layers["ms"], layers["dtype"])]
     layers = layers.sort_values("ms", ascending=False)
@@ -137,6 +180,12 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
         "",
         by_kind.to_markdown(index=False, floatfmt=".3g"),
         "",
+        "## By layer (TensorFlow's trace of another epoch)",
+        "",
+        f"Every op the executor ran, by the layer it belongs to ({ops['ms'].sum() / 1e3:.2f} s of ops).",
+        "",
+        ops.to_markdown(index=False, floatfmt=".3g"),
+        "",
         "## Convolutions, largest first",
         "",
         layers.to_markdown(index=False, floatfmt=".3g"),
@@ -147,7 +196,8 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
     ])  # fmt: skip
     with atomic_path(Path(out)) as tmp:
         tmp.write_text(text)
-    return {"images": n, "wall": wall, "verbose_wall": loud_wall, "peaks": peaks, "by_kind": by_kind, "convolutions": layers}
+    return {"images": n, "wall": wall, "verbose_wall": loud_wall, "peaks": peaks, "by_kind": by_kind, "convolutions": layers,
+            "by_layer": ops}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
