@@ -131,6 +131,18 @@ def test_spec_hash_is_stable_and_sensitive(cfg):
     assert configuration.spec_hash(changed) != configuration.spec_hash(models["model_10"])
 
 
+def test_settings_added_later_stay_out_of_the_spec_while_off(cfg):
+    """alternating_flip / drop_last: an entry that does not use them keeps the spec it had before they existed."""
+    models = _load(cfg)
+    assert models["model_10"]["alternating_flip"] is False  # filled for every reader of the entry
+    part = configuration.training_part(models["model_10"])
+    assert "alternating_flip" not in part and "drop_last" not in part
+    assert configuration.training_part(models["model_18"])["alternating_flip"] is True
+    turned_on = copy.deepcopy(models["model_10"])
+    turned_on["drop_last"] = True
+    assert configuration.spec_hash(turned_on) != configuration.spec_hash(models["model_10"])
+
+
 def _pins(lines):
     pin = r"\s*-?\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s#]+)"  # extras such as tensorflow[and-cuda] allowed
     return dict(re.match(pin, line).groups() for line in lines if "==" in line)

@@ -139,7 +139,7 @@ def main(
     }
     if "test_accuracy" in hist:  # entries with time_to_accuracy: the evaluated model's test accuracy per epoch
         result["time_to_accuracy"] = [
-            {"epoch": int(e), "train_seconds": float(s), "images": int(e) * info["n_train"], "test_accuracy": float(a)}
+            {"epoch": int(e), "train_seconds": float(s), "images": int(e) * info.get("images_per_epoch", info["n_train"]), "test_accuracy": float(a)}
             for e, s, a in zip(hist["epoch"], hist["epoch_time"].cumsum(), hist["test_accuracy"])
         ]
     with atomic_path(probs_out, suffix=".npz") as tmp, open(tmp, "wb") as fh:

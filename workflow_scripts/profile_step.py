@@ -158,10 +158,11 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
     by_kind = by_kind.sort_values("ms", ascending=False)
     ops = pd.DataFrame([line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
                        columns=["ms", "layer"]).astype({"ms": float})  # fmt: skip
-    big = ops["ms"] >= 0.01 * ops["ms"].sum()
-    ops = pd.concat([ops[big], pd.DataFrame([{"layer": "(each under 1 %, together)", "ms": ops.loc[~big, "ms"].sum()}])])
     ops = ops.sort_values("ms", ascending=False)[["layer", "ms"]]
     ops["share"] = ops["ms"] / ops["ms"].sum()
+    big = ops["share"] >= 0.01  # the page lists these, and the rest together
+    shown = pd.concat([ops[big], pd.DataFrame([{"layer": "(each under 1 %, together)", "ms": ops.loc[~big, "ms"].sum(),
+                                                "share": ops.loc[~big, "share"].sum()}])])  # fmt: skip
     layers = prims[prims["kind"] == "convolution"].groupby(["direction", "shape", "impl", "dtype"], as_index=False)[["ms", "flops"]].sum()
     layers["of peak"] = [f / (ms / 1e3) / peak(d) for f, ms, d in zip(layers["flops"], layers["ms"], layers["dtype"])]
     layers = layers.sort_values("ms", ascending=False)
@@ -184,7 +185,7 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
         "",
         f"Every op the executor ran, by the layer it belongs to ({ops['ms'].sum() / 1e3:.2f} s of ops).",
         "",
-        ops.to_markdown(index=False, floatfmt=".3g"),
+        shown.to_markdown(index=False, floatfmt=".3g"),
         "",
         "## Convolutions, largest first",
         "",

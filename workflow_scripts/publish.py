@@ -70,7 +70,7 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "",
         f"**Status:** {len(runs)} of {expected} runs finished"
         + (" (the run is still going; this page shows what has finished)." if len(runs) < expected else "."),
-        f"Trained at commit(s) {', '.join(commits)} on {device.get('kind', '?')} "
+        f"Trained at commit(s) {', '.join(commits)} (each run's: tables/provenance.md) on {device.get('kind', '?')} "
         f"{device.get('name', '')}, {', '.join(map(str, threads))} intra-op thread(s), "
         f"{metrics[0]['provenance'].get('precision', '?') if metrics else '?'}; "
         f"{seconds / 3600:.1f} h of training in all.",

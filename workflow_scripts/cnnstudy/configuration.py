@@ -27,6 +27,10 @@ OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim",
 # Keys that never change how a model trains (they describe it, place it in the report, or
 # matter only at evaluation): changing them retrains nothing.
 NOT_FOR_TRAINING = ("base", "note", "published", "table", "seeds", "compare_to", "claim", "tta", "sweep", "sweep_params")
+# Settings added after results were published: left out of the training spec while off, so the
+# specs of entries that do not use them (Snakemake's rerun decision, a resumable job's state) stay
+# as they were; training reads them with these defaults.
+ABSENT_WHEN_OFF = {"alternating_flip": False, "drop_last": False}
 TABLE_OF_ENTRIES = {1: "table1", 2: "table2"}  # an entry's `table` number -> report table
 
 
@@ -256,7 +260,8 @@ def training_part(entry: dict) -> dict:
     model's accuracy after every epoch (time_to_accuracy).
     """
     keep = ("tta",) if entry.get("time_to_accuracy") else ()
-    return {k: v for k, v in entry.items() if k not in NOT_FOR_TRAINING or k in keep}
+    part = {k: v for k, v in entry.items() if k not in NOT_FOR_TRAINING or k in keep}
+    return {k: v for k, v in part.items() if not (k in ABSENT_WHEN_OFF and v == ABSENT_WHEN_OFF[k])}
 
 
 def weights_source(entry: dict) -> str:

@@ -251,7 +251,7 @@ def annex_table(inputs: Inputs):
             "backbone": f"{backbone['name']} ({backbone['weights']}, {backbone['trainable']})" if backbone else "",
             "layers": int(sizes.loc[name, "layers"]), "params": int(sizes.loc[name, "params"]),
             "optimizer": entry["optimizer"]["name"], "learning_rate": entry["optimizer"]["learning_rate"],
-            "batch_size": entry["batch_size"], "augmentation": ", ".join(_layer_names(entry["augmentation"])) or "none",
+            "batch_size": entry["batch_size"], "augmentation": ", ".join(["alternating flip"] * bool(entry.get("alternating_flip")) + _layer_names(entry["augmentation"])) or "none",
             **{k: row[k] for k in ("epochs_run_mean", "epochs_run_std", "train_seconds_mean", "train_seconds_std")},
             "n": int(row["n"]),
         })  # fmt: skip

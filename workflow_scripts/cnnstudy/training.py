@@ -200,8 +200,10 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     TensorBoard's event files (live curves: ``tensorboard --logdir results/``). Returns the
     history rows, the kept epoch and whether early stopping ended training.
     """
-    (x, y), batch, drop_last = train, spec["batch_size"], spec["drop_last"]
+    (x, y), batch, drop_last = train, spec["batch_size"], spec.get("drop_last", False)
     steps = datasets.steps_per_epoch(len(x), batch, drop_last)
+    if steps == 0:
+        raise JobError(f"{spec['name']}: drop_last with batch_size {batch} > {len(x)} training images leaves no batch")
     per_epoch = datasets.images_per_epoch(len(x), batch, drop_last)
     val_ds = datasets.eval_dataset(*val, spec["batch_size"])
     all_phases = phases(spec)
@@ -234,7 +236,7 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
         try:
             model.fit(
-                datasets.train_dataset(x, y, batch, seed, first, last, drop_last, spec["alternating_flip"]),
+                datasets.train_dataset(x, y, batch, seed, first, last, drop_last, spec.get("alternating_flip", False)),
                 steps_per_epoch=steps,
                 validation_data=val_ds,
                 initial_epoch=first,
@@ -274,6 +276,7 @@ def summary(model, spec: dict, history: pd.DataFrame, fit: dict, n_train: int, n
         "kept_epoch": fit["kept_epoch"],
         "stopped_early": fit["stopped_early"],
         "n_train": n_train,
+        "images_per_epoch": datasets.images_per_epoch(n_train, spec["batch_size"], spec.get("drop_last", False)),
         "n_val": n_val,
         "params": model.count_params(),
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
