@@ -343,6 +343,43 @@ def test_conv_muon_orthogonalises_conv_steps_and_takes_nesterov_sgd_elsewhere():
     assert np.sum(step.reshape(-1, 8) * direction) > 0  # along the gradient's direction
 
 
+def test_conv_muon_anneals_a_variable_to_zero_then_freezes_it():
+    # airbench94_muon's whitening bias: its rate falls from the peak to 0 over its steps (for the
+    # step and the weight decay), then nothing moves it; the other variables keep the rate.
+    annealed, plain = keras.Variable(np.ones(4, "float32"), name="annealed"), keras.Variable(np.ones(4, "float32"), name="plain")
+    opt = optimizers.ConvMuon(learning_rate=0.1, momentum=0.5, weight_decay=0.01, annealed={"annealed": 3}, anneal_peak=0.1)
+    grad = np.ones(4, "float32")
+    expected_a, expected_p, buffer_a, buffer_p = 1.0, 1.0, 0.0, 0.0
+    for step in range(6):
+        opt.apply([grad, grad], [annealed, plain])
+        rate = 0.1 * max(0.0, 1 - step / 3)
+        buffer_a, buffer_p = 0.5 * buffer_a + 1, 0.5 * buffer_p + 1
+        expected_a = expected_a - expected_a * 0.01 * rate - rate * (1 + 0.5 * buffer_a)
+        expected_p = expected_p - expected_p * 0.01 * 0.1 - 0.1 * (1 + 0.5 * buffer_p)
+        assert np.allclose(annealed.numpy(), expected_a, rtol=1e-5) and np.allclose(plain.numpy(), expected_p, rtol=1e-5)
+        if step == 2:
+            frozen = annealed.numpy().copy()
+    assert np.array_equal(annealed.numpy(), frozen)  # steps 3, 4, 5: rate 0, no decay, no momentum
+    with pytest.raises(ValueError, match="not among the trained ones"):
+        optimizers.ConvMuon(learning_rate=0.1, annealed={"elsewhere": 3}, anneal_peak=0.1).build([plain])
+
+
+def test_bias_anneal_hands_the_whitening_bias_and_its_steps_to_the_optimizer(ladder_specs):
+    from cnnstudy.errors import ConfigError
+
+    spec = copy.deepcopy(ladder_specs["model_18"])
+    whitening = next(layer["PatchWhitening"] for layer in spec["layers"] if "PatchWhitening" in layer)
+    whitening["bias_anneal"] = True
+    model = models.compile_model(models.build_model(spec), spec, steps_per_epoch=23)
+    bias = next(layer for layer in model.layers if isinstance(layer, layers.PatchWhitening)).bias
+    assert model.optimizer.annealed == {bias.path: 3 * 23} and model.optimizer.anneal_peak == spec["optimizer"]["learning_rate"]
+    spec["optimizer"] = {"name": "sgd", "learning_rate": 0.1}
+    with pytest.raises(ConfigError, match="bias_anneal needs the conv_muon optimizer"):
+        models.compile_model(models.build_model(spec), spec, steps_per_epoch=23)
+    with pytest.raises(ConfigError, match="bias_anneal needs bias_epochs >= 1"):
+        layers.PatchWhitening(bias_anneal=True)
+
+
 def test_model_18_builds_and_trains_an_epoch(tiny_data, ladder_specs, tmp_path):
     from cnnstudy.layers import PatchWhitening
 

@@ -26,15 +26,20 @@ class PatchWhitening(keras.layers.Layer):
     as a Keras Normalization layer adapts. The bias starts at minus the filters' response to
     the mean patch, so the outputs start centred (airbench normalises its inputs first); it
     stays trainable. Options of airbench94_muon: ``bias_lr_multiplier`` (the bias learns that
-    many times faster, by the reparametrisation of ``Bias``) and ``bias_epochs`` (the bias trains
-    for the first epochs only; training.EpochSeeds' sibling ``FreezeWhiteningBias`` sets it).
+    many times faster, by the reparametrisation of ``Bias``), ``bias_epochs`` (the bias trains
+    for the first epochs only; training.EpochSeeds' sibling ``FreezeWhiteningBias`` sets it) and
+    ``bias_anneal`` (over those epochs the bias's rate falls linearly from the peak to 0, its
+    own schedule, and nothing moves it after: no momentum, no weight decay; ConvMuon does it).
     """
 
     def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, samples: int = 5000,
-                 bias_lr_multiplier: float = 1.0, bias_epochs: int | None = None, **kwargs):  # fmt: skip
+                 bias_lr_multiplier: float = 1.0, bias_epochs: int | None = None, bias_anneal: bool = False,
+                 **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.kernel_size, self.epsilon, self.samples = int(kernel_size), float(epsilon), int(samples)
-        self.bias_lr_multiplier, self.bias_epochs = float(bias_lr_multiplier), bias_epochs
+        self.bias_lr_multiplier, self.bias_epochs, self.bias_anneal = float(bias_lr_multiplier), bias_epochs, bool(bias_anneal)
+        if self.bias_anneal and not bias_epochs:
+            raise ConfigError("PatchWhitening: bias_anneal needs bias_epochs >= 1, the epochs over which the rate falls to 0")
 
     def build(self, input_shape):
         k, channels = self.kernel_size, input_shape[-1]
@@ -72,7 +77,8 @@ class PatchWhitening(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon, "samples": self.samples,
-                "bias_lr_multiplier": self.bias_lr_multiplier, "bias_epochs": self.bias_epochs}  # fmt: skip
+                "bias_lr_multiplier": self.bias_lr_multiplier, "bias_epochs": self.bias_epochs,
+                "bias_anneal": self.bias_anneal}  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="cnnstudy")

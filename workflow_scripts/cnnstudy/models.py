@@ -115,8 +115,10 @@ def build_model(
 
 
 def compile_model(model: keras.Model, spec: dict, steps_per_epoch: int, jit_compile: bool | str = "auto") -> keras.Model:
+    annealed = {layer.bias.path: layer.bias_epochs * steps_per_epoch for layer in model.layers
+                if isinstance(layer, PatchWhitening) and layer.bias_anneal}  # fmt: skip
     model.compile(
-        optimizer=make_optimizer(spec, steps_per_epoch),
+        optimizer=make_optimizer(spec, steps_per_epoch, annealed),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec["label_smoothing"]),
         # cross_entropy: the loss without label smoothing, comparable across entries and with
         # the test set's log loss (the optimised `loss` includes the smoothing).

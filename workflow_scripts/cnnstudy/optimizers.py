@@ -24,21 +24,49 @@ class ConvMuon(keras.optimizers.Optimizer):
     g + momentum * buffer) at ``learning_rate``. The Muon rate is ``muon_scale`` x the learning
     rate, so a schedule moves both together. Decoupled weight decay (Keras' ``weight_decay``)
     shrinks every variable; on the normalised kernels it has no effect.
+
+    ``annealed`` maps variables' paths to a number of steps: such a variable (airbench94_muon's
+    whitening bias) takes its own rate, linear from ``anneal_peak`` down to 0 over those steps,
+    for its step and its weight decay alike, and stays frozen after them.
     """
 
     NS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's coefficients
 
     def __init__(self, learning_rate=0.01, momentum=0.85, nesterov=True, muon_scale=1.0, muon_momentum=0.6,
-                 ns_steps=3, name="conv_muon", **kwargs):  # fmt: skip
+                 ns_steps=3, annealed=None, anneal_peak=None, name="conv_muon", **kwargs):  # fmt: skip
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.muon_scale, self.muon_momentum, self.ns_steps = float(muon_scale), float(muon_momentum), int(ns_steps)
+        self.annealed = {str(path): int(steps) for path, steps in (annealed or {}).items()}
+        if self.annealed and anneal_peak is None:
+            raise ValueError("ConvMuon: annealed variables need anneal_peak, the rate they start from")
+        self.anneal_peak = None if anneal_peak is None else float(anneal_peak)
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
         self.buffers = self.add_optimizer_variables(variables, "momentum")
+        self._anneal_steps = {self._get_variable_index(v): self.annealed[v.path] for v in variables if v.path in self.annealed}
+        if len(self._anneal_steps) != len(self.annealed):
+            missing = sorted(set(self.annealed) - {v.path for v in variables})
+            raise ValueError(f"ConvMuon: annealed variables not among the trained ones: {missing}")
+
+    def _rate(self, variable, learning_rate):
+        """``learning_rate``, or an annealed variable's own rate at this step (0 once frozen)."""
+        steps = self._anneal_steps.get(self._get_variable_index(variable)) if self.annealed else None
+        if steps is None:
+            return ops.cast(learning_rate, variable.dtype)
+        left = ops.maximum(0.0, 1.0 - ops.cast(self.iterations, "float32") / steps)
+        return ops.cast(self.anneal_peak * left, variable.dtype)
+
+    def _apply_weight_decay(self, variables):
+        if not self.annealed or self.weight_decay is None:  # Keras' own, unchanged
+            return super()._apply_weight_decay(variables)
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                lr = self._rate(variable, self.learning_rate)
+                variable.assign(variable - variable * ops.cast(self.weight_decay, variable.dtype) * lr)
 
     @classmethod
     def orthogonalise(cls, g, steps: int):
@@ -54,7 +82,7 @@ class ConvMuon(keras.optimizers.Optimizer):
         return ops.transpose(x) if tall else x
 
     def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(learning_rate, variable.dtype)
+        lr = self._rate(variable, learning_rate)
         g = ops.cast(gradient, variable.dtype)
         buffer = self.buffers[self._get_variable_index(variable)]
         momentum = self.muon_momentum if len(variable.shape) == 4 else self.momentum
@@ -71,7 +99,8 @@ class ConvMuon(keras.optimizers.Optimizer):
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov, "muon_scale": self.muon_scale,
-                "muon_momentum": self.muon_momentum, "ns_steps": self.ns_steps}  # fmt: skip
+                "muon_momentum": self.muon_momentum, "ns_steps": self.ns_steps, "annealed": self.annealed,
+                "anneal_peak": self.anneal_peak}  # fmt: skip
 
 
 OPTIMIZERS = {
@@ -107,14 +136,19 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "start": self.start, "end": self.end}  # fmt: skip
 
 
-def make_optimizer(spec: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The entry's optimizer, with its learning-rate schedule if it has one."""
+def make_optimizer(spec: dict, steps_per_epoch: int, annealed: dict | None = None) -> keras.optimizers.Optimizer:
+    """The entry's optimizer, with its learning-rate schedule if it has one; ``annealed``: variables'
+    paths -> steps over which their own rate falls from the peak to 0 (ConvMuon only)."""
     settings = dict(spec["optimizer"])
     name = settings.pop("name")
     for key, allowed in ONLY_FOR.items():
         if key in settings and name not in allowed:
             raise ConfigError(f"model {spec['name']}: optimizer {name} takes no {key!r} (only {', '.join(allowed)})")
     learning_rate = settings.pop("learning_rate")
+    if annealed:
+        if name != "conv_muon":
+            raise ConfigError(f"model {spec['name']}: bias_anneal needs the conv_muon optimizer, not {name}")
+        settings.update(annealed=annealed, anneal_peak=learning_rate)
     if "muon_learning_rate" in settings:  # the Muon rate follows the schedule as a fixed multiple
         settings["muon_scale"] = settings.pop("muon_learning_rate") / learning_rate
     schedule = spec["schedule"]
