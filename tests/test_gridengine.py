@@ -179,6 +179,14 @@ def _profile_args(workdir, extra, mirror):
     ]  # fmt: skip
 
 
+def _start(cmd, log, env):
+    """Snakemake in its own session, SIGINT at its default: a shell that starts jobs in the
+    background (nohup ... &) leaves SIGINT ignored, the child inherits that, Python then installs
+    no KeyboardInterrupt handler and Snakemake never sees the Ctrl-C (two CI rehearsals failed so)."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+
+
 def _records(cluster, prefix, after):
     return [r for r in cluster.qacct() if r.get("jobname", "").startswith(prefix) and int(r["jobnumber"]) > after]
 
@@ -228,11 +236,7 @@ def test_training_job_killed_with_qdel_is_resubmitted_and_resumes(gridengine, tm
     # The profile's own retries (2) resubmit the killed job.
     cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *_profile_args(tmp_path, extra, mirror)]
     with open(out, "w") as log:
-        # SIGINT back to its default in the child: a shell that starts jobs in the background (nohup
-        # ... &) leaves SIGINT ignored, the child inherits that, Python then installs no
-        # KeyboardInterrupt handler and Snakemake never sees the Ctrl-C (two CI rehearsals failed so).
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        proc = _start(cmd, log, env)
     try:
         state = tmp_path / "results/tiny/train_state/model_03/seed_0"
         wait_for_epoch(state, 2, proc, timeout=600)
@@ -273,11 +277,7 @@ def test_ctrl_c_deletes_the_running_jobs(gridengine, tmp_path):
     cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *_profile_args(tmp_path, extra, mirror)]
     out = tmp_path / "snakemake.out"
     with open(out, "w") as log:
-        # SIGINT back to its default in the child: a shell that starts jobs in the background (nohup
-        # ... &) leaves SIGINT ignored, the child inherits that, Python then installs no
-        # KeyboardInterrupt handler and Snakemake never sees the Ctrl-C (two CI rehearsals failed so).
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        proc = _start(cmd, log, env)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
