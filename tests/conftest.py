@@ -21,6 +21,9 @@ MIRROR = Path(os.environ.get("CIFAR10_ARCHIVE", REPO.parent / "shared" / "data" 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BIN = Path(sys.executable).parent  # the environment the tests run in (snakemake, python)
 TINY = str(REPO / "presets" / "tiny.yaml")
+# Tiny runs: two one-thread jobs at a time. Their jobs are mostly TensorFlow's start-up, which two
+# jobs overlap; training counts against the `gpu` resource (1 by default), so it would run serially.
+TWO_AT_ONCE = ("--cores", "2", "--resources", "gpu=2", "--set-threads", "train=1", "evaluate=1")
 
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -150,7 +153,7 @@ def tiny_run(tmp_path_factory):
     mirror = require_mirror()
     work = tmp_path_factory.mktemp("tiny_run")
     config = ["--config", f"data_source={mirror}"]
-    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, "--cores", "2")
+    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, *TWO_AT_ONCE)
     with open(REPO / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     models = configuration.load(copy.deepcopy(cfg))

@@ -17,7 +17,7 @@ import yaml
 from cnnstudy import models as _registers_custom_layers  # noqa: F401
 from cnnstudy.errors import JobError
 
-from conftest import SCRIPTS, TINY, require_mirror, snakemake
+from conftest import SCRIPTS, TINY, TWO_AT_ONCE, require_mirror, snakemake
 from test_workflow_static import _jobs
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def seeds_run(tmp_path_factory):
     extra = work / "seeds.yaml"
     # The tiny preset gives every entry one seed through model_overrides; two here instead.
     extra.write_text(yaml.safe_dump({"model_overrides": {"seeds": [0, 1]}, "run_models": ["model_01", "model_10"]}))
-    snakemake("--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}", "--cores", "2")
+    snakemake("--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}", *TWO_AT_ONCE)
     return work
 
 

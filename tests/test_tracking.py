@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, SCRIPTS, TINY, require_mirror, snakemake
+from conftest import BIN, SCRIPTS, TINY, TWO_AT_ONCE, require_mirror, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def sweep_run(tmp_path_factory):
     extra.write_text(yaml.safe_dump({**SWEEP, "model_overrides": {"epochs": 2, "seeds": [0]}}))
     args = ["--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}"]
     dry = snakemake("-n", *args)
-    snakemake(*args, "--cores", "2")
+    snakemake(*args, *TWO_AT_ONCE)
     return {"work": work, "args": args, "dry": dry.stdout, "results": work / "results" / "tiny"}
 
 
