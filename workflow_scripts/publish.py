@@ -74,6 +74,10 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         f"{device.get('name', '')}, {', '.join(map(str, threads))} intra-op thread(s), "
         f"{metrics[0]['provenance'].get('precision', '?') if metrics else '?'}; "
         f"{seconds / 3600:.1f} h of training in all.",
+        "The run trains from a checkout pinned where it started, so the code moves on beside it and the",
+        "tables mark such runs † (training code hash differs from this checkout's). Whether the numbers moved",
+        "with it is what `tests/test_published.py` checks in CI: it retrains a cheap rung's first epoch with",
+        "the current code and requires the published history row, bit for bit; if it fails, republish.",
         "",
         "## Table 1: the study's numbers and ours",
         "",
