@@ -100,8 +100,11 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
     lines += [
         "",
         "Train accuracy: Keras' running mean over the kept epoch in training mode (augmentation and dropout",
-        "on), as the study measured it. Validation and test: the final model as evaluated. Full columns, losses",
-        "and footnotes: [tables/table1.md](tables/table1.md); what each rung changes: [tables/table3.md](tables/table3.md).",
+        "on), as the study measured it. Validation and test: the final model as evaluated. img/s: the median",
+        "epoch's training images per second of wall clock (epoch 1 left out), one job's, with other jobs",
+        "sharing the machine: a record of this run, not a speed comparison (that is `docs/speed.md`). Full",
+        "columns, losses and footnotes: [tables/table1.md](tables/table1.md); what each rung changes:",
+        "[tables/table3.md](tables/table3.md).",
         "",
         "## Did each step help? (Table 4)",
         "",
