@@ -87,7 +87,8 @@ def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path):
     jobs = _jobs(proc.stdout + proc.stderr)
     assert jobs.get("train") == 1 and "preprocess" not in jobs and "download" not in jobs, jobs
     train_log = (tmp_path / "results/tiny/logs/train/model_03/seed_0.log").read_text()
-    assert "resuming after epoch 2" in train_log and "epoch 3/5" in train_log and "epoch 2/5" not in train_log
+    assert "resuming after epoch 2" in train_log and "INFO epoch 3/5" in train_log and "INFO epoch 2/5" not in train_log
+    assert "INFO restored epoch 2/5" in train_log  # the log still shows every epoch
     history = pd.read_csv(tmp_path / "results/tiny/models/model_03/seed_0/history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
     print(f"preemption rerun: {time.time() - started:.1f} s")

@@ -259,7 +259,8 @@ def test_training_job_killed_with_qdel_is_resubmitted_and_resumes(gridengine, tm
     train_log = (tmp_path / "results/tiny/logs/train/model_03/seed_0.log").read_text()
     resumed = re.search(r"resuming after epoch (\d+)", train_log)
     assert resumed and int(resumed[1]) >= 2, train_log[-3000:]
-    assert f"epoch {int(resumed[1]) + 1}/6" in train_log and f"epoch {resumed[1]}/6" not in train_log, train_log[-3000:]
+    assert f"INFO epoch {int(resumed[1]) + 1}/6" in train_log and f"INFO epoch {resumed[1]}/6" not in train_log, train_log[-3000:]
+    assert f"INFO restored epoch {resumed[1]}/6" in train_log, train_log[-3000:]
     history = pd.read_csv(tmp_path / "results/tiny/models/model_03/seed_0/history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
     jobs = _jobs(output)

@@ -97,7 +97,9 @@ def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_spec
     _run_cli(args, tmp_path / "second.log")
     second = (tmp_path / "second.log").read_text()
     assert "resuming after epoch 2" in second
-    assert "epoch 1/5" not in second and "epoch 2/5" not in second and "epoch 3/5" in second
+    # Epochs 1 and 2 are not trained again; the log shows them as restored from the checkpoint.
+    assert "INFO epoch 1/5" not in second and "INFO epoch 2/5" not in second and "INFO epoch 3/5" in second
+    assert "INFO restored epoch 1/5" in second and "INFO restored epoch 2/5" in second
     history = pd.read_csv(out["history_out"])
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]  # every epoch exactly once
     info = json.loads(open(out["info_out"]).read())

@@ -84,12 +84,17 @@ class EpochLogger(keras.callbacks.Callback):
         logs["epoch_time"] = now - self.t0
         logs["images_per_s"] = self.n_train / ((self.t_val or now) - self.t0)
         logs["phase"] = self.phase
-        log.info(
-            "epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  lr %.3g  %.1f s  %.0f img/s",
-            epoch + 1, self.total_epochs, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
-            logs.get("val_loss", math.nan), logs.get("val_accuracy", math.nan),
-            logs["learning_rate"], logs["epoch_time"], logs["images_per_s"],
-        )  # fmt: skip
+        log_epoch(epoch + 1, self.total_epochs, logs)
+
+
+def log_epoch(epoch: int, total_epochs: int, row: dict, prefix: str = "") -> None:
+    """One progress line: an epoch just trained, or (``prefix``) one restored from a checkpoint."""
+    log.info(
+        "%sepoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  lr %.3g  %.1f s  %.0f img/s",
+        prefix, epoch, total_epochs, row.get("loss", math.nan), row.get("accuracy", math.nan),
+        row.get("val_loss", math.nan), row.get("val_accuracy", math.nan),
+        row["learning_rate"], row["epoch_time"], row["images_per_s"],
+    )  # fmt: skip
 
 
 class EvaluatedAccuracy(keras.callbacks.Callback):
@@ -210,6 +215,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     total = sum(p["epochs"] for p in all_phases)
     resume = state.latest
     rows: list[dict] = list(resume.state["history"]) if resume else []
+    for row in rows:  # a resumed job's log still shows every epoch (`> {log}` started it afresh)
+        log_epoch(row["epoch"], total, row, prefix="restored ")
     start, early = 0, None
     for index, phase in enumerate(all_phases, start=1):
         end = start + phase["epochs"]
