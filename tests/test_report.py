@@ -156,6 +156,20 @@ def test_two_seeds_give_mean_std_and_n(seeds_run):
     assert seeds == {0, 1}
 
 
+def test_the_results_page_shows_the_seed_spread_as_training_noise(seeds_run, tmp_path):
+    """publish.py's page gives each multi-seed entry's test accuracy, mean ± std over its seeds."""
+    import publish
+
+    publish.main(str(seeds_run / "results" / "tiny"), str(tmp_path / "published"))
+    readme = (tmp_path / "published" / "README.md").read_text()
+    table = pd.read_csv(seeds_run / "reports" / "tiny" / "table1.csv").set_index("model")
+    noise = readme[readme.index("**Training noise**") :].split("\n\n")[0].replace("\n", " ")
+    for name in ("model_01", "model_10"):
+        mean, std = table.loc[name, "test_accuracy_mean"], table.loc[name, "test_accuracy_std"]
+        assert f"{name} {mean:.4f} ± {std:.4f} over 2 seeds" in noise
+    assert "No step has both of its runs finished yet." in readme  # model_10's base, model_09, did not run
+
+
 def test_the_tables_target_regenerates_the_tables_alone(seeds_run):
     table = seeds_run / "reports" / "tiny" / "table1.md"
     table.unlink()

@@ -110,22 +110,40 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "",
     ]
     if len(table4):
-        lines += ["| step | the study says | our verdict | Δ test accuracy [95 % CI] | Holm p |", "|---|---|---|---|---|"]
+        lines += [
+            "| step | the study says | our verdict | Δ test accuracy [95 % CI] (seed) | Holm p | Δ of the means over seeds |",
+            "|---|---|---|---|---|---|",
+        ]
         for _, r in table4.iterrows():
+            several = r["n_new"] > 1 or r["n_ref"] > 1
             lines.append(
                 f"| {r['model']} vs {r['compared_to']} | {r['study_claim'] or '(beyond the study)'} | **{r['verdict']}** | "
-                f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_holm']:.2g} |"
+                f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] (seed {r['seed']}) | {r['p_holm']:.2g} | "
+                + (f"{r['mean_diff']:+.4f} ({r['n_new']:.0f} vs {r['n_ref']:.0f} seeds) |" if several else "(one seed each) |")
             )
         claimed = table4[table4["study_claim"] != ""]
         held = int(claimed["agrees"].astype(bool).sum())
         lines += [
             "",
-            f"{held} of {len(claimed)} of the study's step claims held at this data and seed (rule: improved or worse "
-            "when McNemar's Holm-corrected p < 0.05). Details, the study's words and the seed spread: "
-            "[tables/table4.md](tables/table4.md); forest plot: [figures/steps_forest.png](figures/steps_forest.png).",
+            f"{held} of {len(claimed)} of the study's step claims held at this data and seed (rule: improved or worse",
+            "when McNemar's Holm-corrected p < 0.05). The interval and p-value compare one training run of each",
+            "entry on the same test images: they cover the sampling of test images, not training noise.",
+            "Details and the study's words: [tables/table4.md](tables/table4.md); forest plot:",
+            "[figures/steps_forest.png](figures/steps_forest.png).",
         ]
     else:
         lines.append("No step has both of its runs finished yet.")
+    spreads = [
+        f"{r['model']} {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f} over {int(r['n'])} seeds"
+        for _, r in table1[table1["n"] > 1].iterrows()
+    ]
+    lines += [
+        "",
+        "**Training noise**, as the spread of test accuracy over the seeds of one configuration (mean ± standard",
+        f"deviation): {'; '.join(spreads) or 'no entry has several seeds yet'}. A step whose single-seed Δ is",
+        "within that spread may change sign with another seed: read its verdict as that seed's, and the Δ of the",
+        "means where an entry has several.",
+    ]
     lines += [
         "",
         "## What differs in method",
