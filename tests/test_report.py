@@ -168,6 +168,12 @@ def test_the_results_page_shows_the_seed_spread_as_training_noise(seeds_run, tmp
         mean, std = table.loc[name, "test_accuracy_mean"], table.loc[name, "test_accuracy_std"]
         assert f"{name} {mean:.4f} ± {std:.4f} over 2 seeds" in noise
     assert "No step has both of its runs finished yet." in readme  # model_10's base, model_09, did not run
+    # Table 1 on the page: our test accuracy minus the study's on the same images, per rung.
+    entries = json.loads((seeds_run / "results" / "tiny" / "specs" / "models.json").read_text())
+    for name in ("model_01", "model_10"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {name} |"))
+        gap = table.loc[name, "test_accuracy_mean"] - entries[name]["published"]["val_accuracy"]
+        assert f"| {gap:+.4f} |" in row
 
 
 def test_the_tables_target_regenerates_the_tables_alone(seeds_run):
