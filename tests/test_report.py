@@ -272,6 +272,23 @@ def test_publish_writes_the_study_folder_from_two_results_directories(tiny_run, 
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_step_is_differenced_over_every_pair_of_training_runs():
+    """Table 4's Δ per pair of runs: same seed where both have it, a single-seed entry against each
+    seed of the other; a sign that changes between pairs is flagged."""
+    from cnnstudy import stats
+
+    accuracy = {("a", 0): 0.80, ("b", 0): 0.82, ("b", 1): 0.78, ("b", 2): 0.81, ("c", 1): 0.90, ("c", 2): 0.92}
+    correct = {run: np.arange(1000) < round(acc * 1000) for run, acc in accuracy.items()}
+    runs = pd.DataFrame([{"model": m, "seed": s, "test_accuracy": a} for (m, s), a in accuracy.items()])
+    models = {"a": {}, "b": {"base": "a"}, "c": {"base": "b"}}
+    frame = stats.steps_frame(models, runs, correct).set_index("model")
+    # b (three seeds) against a (one): each seed of b against a's seed 0; the sign changes.
+    assert frame.loc["b", "diff_per_seed"] == "+0.0200 / -0.0200 / +0.0100" and not frame.loc["b", "sign_holds"]
+    # c against b: the seeds both have (1 and 2); c's seed 1 against b's seed 1.
+    assert frame.loc["c", "diff_per_seed"] == "+0.1200 / +0.1100" and frame.loc["c", "sign_holds"]
+    assert frame.loc["c", "seed"] == 1 and frame.loc["c", "diff"] == pytest.approx(0.12)
+
+
 def test_paired_statistics_come_from_scipy_and_statsmodels():
     from cnnstudy import stats
     from statsmodels.stats.contingency_tables import mcnemar

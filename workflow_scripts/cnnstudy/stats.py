@@ -6,7 +6,9 @@ Every entry is compared with the entry it changes (its ``compare_to``, else its 
   bootstrap interval over the test images (scipy.stats.bootstrap, BCa, paired);
 - McNemar's exact test on the same predictions (statsmodels), Holm-corrected for the
   number of steps (statsmodels' multipletests);
-- where an entry has several seeds, the difference of the means over seeds.
+- where an entry has several seeds, the difference of the means over seeds, and the difference of
+  every pair of runs (same seed where both have it; a single-seed entry against each seed of the
+  other): whether the step keeps its sign from one training run to the next.
 
 Verdict: "improved" / "worse" when the Holm-corrected p < 0.05 (the sign of the difference
 says which), else "no significant change". A single seed's interval covers test-set
@@ -61,6 +63,21 @@ def steps(models: dict) -> list[tuple[str, str]]:
     return pairs
 
 
+def run_pairs(name: str, reference: str, runs: dict) -> list[tuple]:
+    """The (entry, seed) pairs to difference: the same seed where both have it; an entry with one
+    seed against every seed of the other."""
+    new, ref = sorted(s for m, s in runs if m == name), sorted(s for m, s in runs if m == reference)
+    if len(new) == 1 or len(ref) == 1:
+        return [((name, a), (reference, b)) for a in new for b in ref]
+    return [((name, s), (reference, s)) for s in new if s in ref]
+
+
+def sign_holds(diff_per_seed: str) -> bool:
+    """Whether every run pair's difference has the same sign (none zero)."""
+    signs = {d.strip()[0] for d in diff_per_seed.split("/")} if diff_per_seed else set()
+    return len(signs) == 1 and not any(float(d) == 0 for d in diff_per_seed.split("/"))
+
+
 def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame:
     """One row per step: the paired test on the lowest seed both have, the means over seeds, the verdict.
 
@@ -70,6 +87,7 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
     from statsmodels.stats.multitest import multipletests
 
     accuracy = {model: group["test_accuracy"].tolist() for model, group in runs.groupby("model")} if len(runs) else {}
+    by_run = {(r["model"], r["seed"]): r["test_accuracy"] for _, r in runs.iterrows()}
     rows = []
     for name, reference in steps(models):
         seeds = sorted({s for m, s in correct if m == name} & {s for m, s in correct if m == reference})
@@ -84,12 +102,14 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
             "n_new": len(new), "n_ref": len(ref), "mean_diff": float(np.mean(new) - np.mean(ref)),
             "std_new": float(np.std(new, ddof=1)) if len(new) > 1 else np.nan,
             "std_ref": float(np.std(ref, ddof=1)) if len(ref) > 1 else np.nan,
+            "diff_per_seed": " / ".join(f"{by_run[a] - by_run[b]:+.4f}" for a, b in run_pairs(name, reference, by_run)),
         })  # fmt: skip
     frame = pd.DataFrame(rows)
     if len(frame):
         frame["p_holm"] = multipletests(frame["p"], alpha=ALPHA, method="holm")[1]
         frame["verdict"] = [verdict(d, p) for d, p in zip(frame["diff"], frame["p_holm"])]
         frame["agrees"] = [(c == v) if c else None for c, v in zip(frame["study_claim"], frame["verdict"])]
+        frame["sign_holds"] = [sign_holds(d) for d in frame["diff_per_seed"]]
     return frame
 
 
@@ -106,6 +126,9 @@ def footnote(frame: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"{RESAMPLES} resamples); McNemar p: exact test on the images only one of the two got right; Holm p: "
         f"corrected for the {len(frame)} steps. Verdict: improved or worse when Holm p < {ALPHA}, else no "
         "significant change. These intervals cover the sampling of test images for one training run each, "
-        f"not training noise. {spread}The study's claims are read from its text (its words are in the CSV's "
+        f"not training noise. {spread}Δ per pair of runs (entries with several seeds): the difference of every "
+        "pair of training runs (same seed where both have it; a single-seed entry against each seed of the "
+        "other): a step whose sign changes between pairs is within training noise, whatever its verdict. "
+        "The study's claims are read from its text (its words are in the CSV's "
         "study_says column); its own numbers came from single runs validated on the test set."
     )

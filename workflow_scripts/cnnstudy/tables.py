@@ -285,6 +285,7 @@ def steps_table(inputs: Inputs):
         Column("p_holm", "Holm p", show=lambda r: f"{r['p_holm']:.2g}"),
         Column("mean_diff", "Δ mean over seeds", show=lambda r: f"{r['mean_diff']:+.4f} (n {r['n_new']} vs {r['n_ref']})"
                if r["n_new"] > 1 or r["n_ref"] > 1 else ""),
+        Column("diff_per_seed", "Δ per pair of runs", show=lambda r: r["diff_per_seed"] if r["n_new"] > 1 or r["n_ref"] > 1 else ""),
     ]  # fmt: skip
     return frame, columns, stats.footnote(frame, inputs.runs)
 
