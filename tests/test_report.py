@@ -174,6 +174,11 @@ def test_the_results_page_shows_the_seed_spread_as_training_noise(seeds_run, tmp
         row = next(line for line in readme.splitlines() if line.startswith(f"| {name} |"))
         gap = table.loc[name, "test_accuracy_mean"] - entries[name]["published"]["val_accuracy"]
         assert f"| {gap:+.4f} |" in row
+    # Where early stopping ended each seed of model_10 (early stopping from model_06 on; model_01 has none).
+    assert "model_01, the same configuration" not in readme
+    for seed in (0, 1):
+        m = json.loads((seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{seed}" / "metrics.json").read_text())
+        assert f"seed {seed}: stopped after {m['epochs_run']}, kept epoch {m['kept_epoch']['epoch']}, " in readme
 
 
 def test_the_tables_target_regenerates_the_tables_alone(seeds_run):

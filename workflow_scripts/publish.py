@@ -52,6 +52,27 @@ def _fmt(value, digits: int = 4) -> str:
     return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
+def stopping(metrics: list[dict], info: dict) -> list[str]:
+    """Where early stopping ended each seed of the early-stopped entries with several seeds."""
+    lines = []
+    for name in dict.fromkeys(m["model"] for m in metrics):
+        seeds = sorted((m for m in metrics if m["model"] == name and m.get("stopped_early") is not None), key=lambda m: m["seed"])
+        if len(seeds) < 2 or not info[name].get("early_stopping"):
+            continue
+        published = info[name].get("published") or {}
+        runs = "; ".join(
+            f"seed {m['seed']}: stopped after {m['epochs_run']}, kept epoch {m['kept_epoch']['epoch']}, train acc. "
+            f"{m['kept_epoch']['accuracy']:.4f}, test acc. {m['test']['accuracy']:.4f}"
+            for m in seeds
+        )
+        lines += [
+            f"  {name}, the same configuration over seeds (study: train acc. {_fmt(published.get('accuracy'))}, "
+            f"val. acc. {_fmt(published.get('val_accuracy'))}): {runs}. The validation loss is noisy from epoch to epoch,",
+            "  so where patience ends a run depends on the seed, and test accuracy with it.",
+        ]
+    return lines
+
+
 def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs: list, expected: int) -> str:
     """The results page, written for a reader of the study."""
     metrics = [read_json(out / "metrics" / f"{m}_seed{s}.json") for m, s, _ in runs]
@@ -166,6 +187,7 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "  therefore measure the same 10 000 images; our models trained on 45 000 images, the study's on 50 000.",
         "- **Early stopping.** The study gives no patience; we use 5 epochs on validation loss with the best",
         "  weights restored (`config.yaml`, model_06).",
+        *stopping(metrics, info),
         "- **Unstated settings** (learning rates, layer placement, augmentation ranges) are read as written next",
         "  to each entry in `config.yaml`.",
         "- **Precision.** Mixed bfloat16 on this CPU; the study trained in float32 on GPUs.",
