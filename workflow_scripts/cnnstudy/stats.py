@@ -72,12 +72,6 @@ def run_pairs(name: str, reference: str, runs: dict) -> list[tuple]:
     return [((name, s), (reference, s)) for s in new if s in ref]
 
 
-def sign_holds(diff_per_seed: str) -> bool:
-    """Whether every run pair's difference has the same sign (none zero)."""
-    signs = {d.strip()[0] for d in diff_per_seed.split("/")} if diff_per_seed else set()
-    return len(signs) == 1 and not any(float(d) == 0 for d in diff_per_seed.split("/"))
-
-
 def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame:
     """One row per step: the paired test on the lowest seed both have, the means over seeds, the verdict.
 
@@ -90,6 +84,7 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
     by_run = {(r["model"], r["seed"]): r["test_accuracy"] for _, r in runs.iterrows()}
     rows = []
     for name, reference in steps(models):
+        diffs = [by_run[a] - by_run[b] for a, b in run_pairs(name, reference, by_run)]
         seeds = sorted({s for m, s in correct if m == name} & {s for m, s in correct if m == reference})
         if not seeds:
             continue
@@ -102,14 +97,14 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
             "n_new": len(new), "n_ref": len(ref), "mean_diff": float(np.mean(new) - np.mean(ref)),
             "std_new": float(np.std(new, ddof=1)) if len(new) > 1 else np.nan,
             "std_ref": float(np.std(ref, ddof=1)) if len(ref) > 1 else np.nan,
-            "diff_per_seed": " / ".join(f"{by_run[a] - by_run[b]:+.4f}" for a, b in run_pairs(name, reference, by_run)),
+            "diff_per_seed": " / ".join(f"{d:+.4f}" for d in diffs),
+            "sign_holds": all(d > 0 for d in diffs) or all(d < 0 for d in diffs),
         })  # fmt: skip
     frame = pd.DataFrame(rows)
     if len(frame):
         frame["p_holm"] = multipletests(frame["p"], alpha=ALPHA, method="holm")[1]
         frame["verdict"] = [verdict(d, p) for d, p in zip(frame["diff"], frame["p_holm"])]
         frame["agrees"] = [(c == v) if c else None for c, v in zip(frame["study_claim"], frame["verdict"])]
-        frame["sign_holds"] = [sign_holds(d) for d in frame["diff_per_seed"]]
     return frame
 
 
