@@ -294,6 +294,22 @@ def test_a_step_is_differenced_over_every_pair_of_training_runs():
     assert frame.loc["c", "seed"] == 1 and frame.loc["c", "diff"] == pytest.approx(0.12)
 
 
+def test_the_forest_plot_marks_every_pair_of_training_runs(tmp_path, monkeypatch):
+    """Table 4's forest plot, drawn from its CSV: each pair of runs of a multi-seed step as a mark."""
+    import plots
+    from cnnstudy import stats
+
+    accuracy = {("a", 0): 0.80, ("b", 0): 0.82, ("b", 1): 0.78}
+    correct = {run: np.arange(1000) < round(acc * 1000) for run, acc in accuracy.items()}
+    runs = pd.DataFrame([{"model": m, "seed": s, "test_accuracy": a} for (m, s), a in accuracy.items()])
+    stats.steps_frame({"a": {}, "b": {"base": "a"}}, runs, correct).to_csv(tmp_path / "table4.csv", index=False)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    plots.forest(pd.read_csv(tmp_path / "table4.csv"), tmp_path / "forest.png")
+    marks = [line for line in drawn[0].axes[0].get_lines() if line.get_gid() == "run_pairs"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == pytest.approx([0.02, -0.02])
+
+
 def test_paired_statistics_come_from_scipy_and_statsmodels():
     from cnnstudy import stats
     from statsmodels.stats.contingency_tables import mcnemar

@@ -121,11 +121,17 @@ def forest(frame: pd.DataFrame, path: Path) -> None:
     for y, (_, r) in enumerate(frame.iloc[::-1].iterrows()):
         ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o",
                     color=colours[r["verdict"]], capsize=3)  # fmt: skip
+        if r.get("n_new", 1) > 1 or r.get("n_ref", 1) > 1:  # training noise: every pair of runs of the step
+            pairs = [float(d) for d in str(r["diff_per_seed"]).split("/")]
+            ax.plot(pairs, [y - 0.25] * len(pairs), "x", color="black", markersize=5, gid="run_pairs",
+                    label="each pair of training runs" if not ax.get_legend_handles_labels()[0] else None)  # fmt: skip
     ax.set_yticks(range(len(frame)), [f"{m} vs {c}" for m, c in zip(frame["model"][::-1], frame["compared_to"][::-1])])
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("difference in test accuracy (95 % paired bootstrap interval)")
     ax.set_title("Did each step help? (green: improved, grey: no significant change, red: worse)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     _save(fig, path)
 
 
