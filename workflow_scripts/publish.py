@@ -56,7 +56,7 @@ def stopping(metrics: list[dict], info: dict) -> list[str]:
     """Where early stopping ended each seed of the early-stopped entries with several seeds."""
     lines = []
     for name in dict.fromkeys(m["model"] for m in metrics):
-        seeds = sorted((m for m in metrics if m["model"] == name and m.get("stopped_early") is not None), key=lambda m: m["seed"])
+        seeds = sorted((m for m in metrics if m["model"] == name), key=lambda m: m["seed"])
         if len(seeds) < 2 or not info[name].get("early_stopping"):
             continue
         published = info[name].get("published") or {}
