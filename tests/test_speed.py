@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import train
 from cnnstudy import datasets, layers, models, optimizers, predict, runtime
+from cnnstudy.errors import ConfigError
 
 from test_train import _outputs
 
@@ -258,6 +259,26 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
     text = out.read_text()
     assert "| model_17" in text and "pipeline/ceiling" in text and "## Concurrent training jobs" in text
     assert "## Against the machine's peak" in text and "workflow/peak" in text
+
+
+def test_keras_speed_times_every_phase_of_each_entry_and_writes_its_report(ladder_specs, tmp_path):
+    import keras_speed
+    from cnnstudy import flops
+
+    out = tmp_path / "keras_speed.md"
+    rows = keras_speed.main(str(out), ["model_01", "model_13"], images=512, rounds=1, peak_size=256)
+    # model_13 fine-tunes its VGG16 in a second phase: timed with the backbone unfrozen.
+    assert [(r["model"], r["phase"]) for r in rows] == [("model_01", 1), ("model_13", 1), ("model_13", 2)]
+    fine_tune = ladder_specs["model_13"]["backbone"]["fine_tune"]
+    assert [r["epochs"] for r in rows] == [60, 60, fine_tune["epochs"]]
+    assert all(r["train img/s"] > 0 and r["batch size"] == 128 for r in rows[1:])
+    model = models.build_model(ladder_specs["model_01"])
+    assert rows[0]["train GFLOP/img"] == pytest.approx(flops.TRAIN_FACTOR * flops.forward_flops(model) / 1e9)
+    text = out.read_text()
+    assert text.count("| model_13 ") == 2 and "of the bfloat16 peak" in text and "min for its epochs" in text
+    with pytest.raises(ConfigError, match="unknown model.*model_99"):
+        keras_speed.main(str(tmp_path / "bad.md"), ["model_01", "model_99"])
+    assert not (tmp_path / "bad.md").exists()
 
 
 @pytest.mark.slow
