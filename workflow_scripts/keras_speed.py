@@ -138,7 +138,7 @@ def report(rows: list[dict], peak: float, dtype: str, settings: str, peak_size: 
         "sooner). A frozen backbone runs forward only, so the TFLOP/s of a phase that keeps it frozen are "
         "overstated (up to 3x)."),
         "",
-        table.to_markdown(index=False, floatfmt=("", "", "", "", ",.0f", ".0f", ".3f", ".2f", ".1%", ".1f", ".1f")),
+        table.to_markdown(index=False, floatfmt=("", "", "", "", ",.0f", ".1f", ".3f", ".2f", ".1%", ".1f", ".1f")),
         "",
         f"All rows: {table['min for its epochs'].sum():.1f} min of training at these rates.",
         "",
@@ -173,7 +173,8 @@ def main(
         f"Keras {keras.__version__} on its {keras.backend.backend()} backend, {precision}, XLA as Keras' 'auto' "
         f"picks. Each phase of each entry: an untimed warm-up epoch, then the median of {rounds} epochs of "
         f"{images} random images (whole batches) fed from memory in order; backbones keep random weights. Not "
-        "the workflow's own path (tf.data, TensorFlow), and no accuracy: the arithmetic the entries cost here."
+        "the workflow's own path (no tf.data pipeline, no callbacks), and no accuracy: the arithmetic the entries cost "
+        "here."
     )
     rows = []
     for name in models:
