@@ -294,6 +294,31 @@ def test_a_step_is_differenced_over_every_pair_of_training_runs():
     assert frame.loc["c", "seed"] == 1 and frame.loc["c", "diff"] == pytest.approx(0.12)
 
 
+def test_the_results_page_names_every_claimed_step_within_training_noise():
+    """A sign that changes between pairs of runs is named, whether the study's claim held for seed 0 or not."""
+    import publish
+    from cnnstudy import stats
+
+    accuracy = {("a", 0): 0.70, ("b", 0): 0.80, ("b", 1): 0.68, ("b", 2): 0.81,
+                ("c", 0): 0.70, ("c", 1): 0.69, ("c", 2): 0.85, ("d", 0): 0.90}  # fmt: skip
+    correct = {run: np.arange(1000) < round(acc * 1000) for run, acc in accuracy.items()}
+    runs = pd.DataFrame([{"model": m, "seed": s, "test_accuracy": a} for (m, s), a in accuracy.items()])
+    claims = {"b": "improved", "c": "no significant change", "d": "improved"}
+    models = {"a": {}, "b": {"base": "a"}, "c": {"base": "b"}, "d": {"base": "c"}}
+    for name, verdict in claims.items():
+        models[name]["claim"] = {"verdict": verdict, "says": "..."}
+    table4 = stats.steps_frame(models, runs, correct)
+    # Seed 0: b improved (held), c worse (not held), d improved (held); b and c change sign between pairs.
+    assert list(table4["agrees"]) == [True, False, True] and list(table4["sign_holds"]) == [False, False, True]
+    text = " ".join(publish.claims_summary(table4))
+    assert text.startswith("2 of 3 of the study's step claims held")
+    assert "3 of the claimed steps can be checked against other training runs" in text
+    assert "changes from one pair of runs to another for b vs a: the claim held" in text
+    assert "also changes between pairs of runs for c vs b, where our verdict went against the study's claim" in text
+    table4["sign_holds"] = True
+    assert "each keeps its sign in every pair of runs" in " ".join(publish.claims_summary(table4))
+
+
 def test_the_forest_plot_marks_every_pair_of_training_runs(tmp_path, monkeypatch):
     """Table 4's forest plot, drawn from its CSV: each pair of runs of a multi-seed step as a mark."""
     import plots
