@@ -281,6 +281,21 @@ def test_keras_speed_times_every_phase_of_each_entry_and_writes_its_report(ladde
     assert not (tmp_path / "bad.md").exists()
 
 
+def test_keras_speed_can_time_a_network_without_its_augmentation_layers(ladder_specs, monkeypatch):
+    import keras_speed
+
+    built = []
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    spec = {**ladder_specs["model_09"], "batch_size": 64}
+    kept, removed = (keras_speed.time_phases(spec, 64, 1, "mixed_bfloat16", without) for without in (False, True))
+    augmenting = [[type(layer).__name__ for layer in model.layers if "Random" in type(layer).__name__] for model in built]
+    assert augmenting == [["RandomTranslation", "RandomRotation"], []]
+    assert kept[0]["augmentation"] == "RandomTranslation, RandomRotation"
+    assert removed[0]["augmentation"] == "removed (RandomTranslation, RandomRotation)"
+    assert spec["augmentation"]  # the caller's entry is left as it was
+
+
 @pytest.mark.slow
 def test_profile_times_every_convolution_of_an_epoch(tiny_data, ladder_specs, tmp_path):
     """profile_step.py: oneDNN's primitive lines of one epoch, its convolutions' FLOPs counted from their shapes."""

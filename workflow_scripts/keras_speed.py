@@ -78,11 +78,18 @@ def matmul_peak(dtype: str, size: int, seconds: float = 2.0) -> float:
         steps *= 2
 
 
-def time_phases(spec: dict, images: int, rounds: int, precision: str) -> list[dict]:
-    """Training images/s of each phase of ``spec`` on ``images`` random images (median of ``rounds`` epochs)."""
+def time_phases(spec: dict, images: int, rounds: int, precision: str, without_augmentation: bool = False) -> list[dict]:
+    """Training images/s of each phase of ``spec`` on ``images`` random images (median of ``rounds`` epochs).
+
+    ``without_augmentation`` drops the entry's augmentation layers: the network's own cost, apart from theirs.
+    """
     import keras
 
     from cnnstudy import flops, models, training
+
+    layers = ", ".join(name for item in spec["augmentation"] for name in item) or "none"
+    if without_augmentation:
+        spec, layers = {**spec, "augmentation": []}, f"removed ({layers})" if spec["augmentation"] else "none"
 
     keras.mixed_precision.set_global_policy(precision)  # a model keeps the policy it was built under
     keras.utils.set_random_seed(0)
@@ -109,7 +116,7 @@ def time_phases(spec: dict, images: int, rounds: int, precision: str) -> list[di
             model.fit(**fit)
             rates.append(len(x) / (time.perf_counter() - start))
         rows.append({
-            "model": spec["name"], "phase": index, "epochs": phase["epochs"], "batch size": batch,
+            "model": spec["name"], "phase": index, "epochs": phase["epochs"], "batch size": batch, "augmentation": layers,
             "train img/s": float(np.median(rates)), "warm-up s": warm_up,
             "train GFLOP/img": flops.TRAIN_FACTOR * flops.forward_flops(model) / 1e9,
         })  # fmt: skip
@@ -138,7 +145,7 @@ def report(rows: list[dict], peak: float, dtype: str, settings: str, peak_size: 
         "sooner). A frozen backbone runs forward only, so the TFLOP/s of a phase that keeps it frozen are "
         "overstated (up to 3x)."),
         "",
-        table.to_markdown(index=False, floatfmt=("", "", "", "", ",.0f", ".1f", ".3f", ".2f", ".1%", ".1f", ".1f")),
+        table.to_markdown(index=False, floatfmt=("", "", "", "", "", ",.0f", ".1f", ".3f", ".2f", ".1%", ".1f", ".1f")),
         "",
         f"All rows: {table['min for its epochs'].sum():.1f} min of training at these rates.",
         "",
@@ -154,6 +161,7 @@ def main(
     precision: str = "mixed_bfloat16",
     train_images: int = 45000,
     peak_size: int = 4096,
+    without_augmentation: bool = False,
 ) -> list[dict]:
     """Time ``models``; ``out`` is rewritten (atomically) after every entry, so a run cut short keeps its rows."""
     import keras
@@ -174,11 +182,11 @@ def main(
         f"picks. Each phase of each entry: an untimed warm-up epoch, then the median of {rounds} epochs of "
         f"{images} random images (whole batches) fed from memory in order; backbones keep random weights. Not "
         "the workflow's own path (no tf.data pipeline, no callbacks), and no accuracy: the arithmetic the entries cost "
-        "here."
+        "here." + (" Augmentation layers removed: the networks alone." if without_augmentation else "")
     )
     rows = []
     for name in models:
-        rows += time_phases(entries[name], images, rounds, precision)
+        rows += time_phases(entries[name], images, rounds, precision, without_augmentation)
         with atomic_path(out) as tmp:
             Path(tmp).write_text(report(rows, peak, dtype, settings, peak_size, train_images))
     log.info("wrote %s\n%s", out, Path(out).read_text())
@@ -195,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--train-images", type=int, default=45000, help="training images per epoch in a real run")
     p.add_argument("--peak-size", type=int, default=4096, help="side of the square matrices of the peak")
+    p.add_argument("--without-augmentation", action="store_true", help="time the networks without their augmentation layers")
     return p
 
 
