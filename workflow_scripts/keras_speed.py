@@ -87,6 +87,19 @@ def time_phases(spec: dict, images: int, rounds: int, precision: str, without_au
 
     from cnnstudy import flops, models, training
 
+    class EpochTimes(keras.callbacks.Callback):
+        """Wall-clock seconds of each epoch, the device's work included (the epoch's loss is read back)."""
+
+        def on_train_begin(self, logs=None):
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            float(logs["loss"])  # waits for the epoch's last step on an asynchronous backend
+            self.seconds.append(time.perf_counter() - self.start)
+
     layers = ", ".join(name for item in spec["augmentation"] for name in item) or "none"
     if without_augmentation:
         spec, layers = {**spec, "augmentation": []}, f"removed ({layers})" if spec["augmentation"] else "none"
@@ -106,15 +119,12 @@ def time_phases(spec: dict, images: int, rounds: int, precision: str, without_au
         if "unfreeze" in phase:
             models.set_backbone_trainable(model, phase["unfreeze"])
         models.compile_model(model, phase, steps_per_epoch=steps, jit_compile="auto")
-        fit = {"x": x, "y": y, "batch_size": batch, "epochs": 1, "shuffle": False, "verbose": 0}
-        start = time.perf_counter()
-        model.fit(**fit)  # untimed warm-up: tracing and compilation
-        warm_up = time.perf_counter() - start
-        rates = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            model.fit(**fit)
-            rates.append(len(x) / (time.perf_counter() - start))
+        # One fit: a first, untimed epoch (tracing and compilation), then ``rounds`` timed ones. One
+        # fit, not one per epoch: with ``use_ema`` a fit ends by assigning the averages to the
+        # model's variables, and on JAX the next fit then donates one buffer twice and fails.
+        times = EpochTimes()
+        model.fit(x, y, batch_size=batch, epochs=1 + rounds, shuffle=False, verbose=0, callbacks=[times])
+        warm_up, rates = times.seconds[0], [len(x) / seconds for seconds in times.seconds[1:]]
         rows.append({
             "model": spec["name"], "phase": index, "epochs": phase["epochs"], "batch size": batch, "augmentation": layers,
             "train img/s": float(np.median(rates)), "warm-up s": warm_up,
