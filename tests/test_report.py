@@ -307,7 +307,10 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
     models = {"a": {}, "b": {"base": "a"}, "c": {"base": "b"}, "d": {"base": "c"}}
     for name, verdict in claims.items():
         models[name]["claim"] = {"verdict": verdict, "says": "..."}
+    for name, published in {"a": 0.60, "b": 0.70, "c": 0.65}.items():  # the study's own numbers; d has none
+        models[name]["published"] = {"val_accuracy": published}
     table4 = stats.steps_frame(models, runs, correct)
+    assert table4["study_diff"].tolist()[:2] == pytest.approx([0.10, -0.05]) and np.isnan(table4["study_diff"].iloc[2])
     # Seed 0: b improved (held), c worse (not held), d improved (held); b and c change sign between pairs.
     assert list(table4["agrees"]) == [True, False, True] and list(table4["sign_holds"]) == [False, False, True]
     text = " ".join(publish.claims_summary(table4))
@@ -315,6 +318,11 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
     assert "3 of the claimed steps can be checked against other training runs" in text
     assert "changes from one pair of runs to another for b vs a: the claim held" in text
     assert "also changes between pairs of runs for c vs b, where our verdict went against the study's claim" in text
+    # c's claim (no change) did not hold for seed 0 (worse), and the study's own numbers also fell.
+    assert "its own published numbers moved our way for c vs b (study -0.0500, ours -0.1000)" in text
+    models["c"]["published"]["val_accuracy"] = 0.75
+    text = " ".join(publish.claims_summary(stats.steps_frame(models, runs, correct)))
+    assert "moved our way" not in text and "other way for c vs b (study +0.0500, ours -0.1000)" in text
     table4["sign_holds"] = True
     assert "each keeps its sign in every pair of runs" in " ".join(publish.claims_summary(table4))
 

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import plots
@@ -97,6 +98,18 @@ def claims_summary(table4) -> list[str]:
         lines.append(f"The sign of the step also changes between pairs of runs for {other_flips}, where our verdict went"
                      " against the study's claim: that verdict is the compared pair's and within training noise, so it"
                      " does not refute the claim.")  # fmt: skip
+    against = claimed[~held & claimed["study_diff"].notna()]
+    same_way = np.sign(against["study_diff"]) == np.sign(against["diff"])
+
+    def listed(rows) -> str:
+        return ", ".join(f"{r['model']} vs {r['compared_to']} (study {r['study_diff']:+.4f}, ours {r['diff']:+.4f})"
+                         for _, r in rows.iterrows())  # fmt: skip
+
+    if same_way.any():
+        lines.append(f"Where our verdict went against the study's words, its own published numbers moved our way for "
+                     f"{listed(against[same_way])}: the text claims what its table does not show.")  # fmt: skip
+    if (~same_way).any():
+        lines.append(f"Its numbers moved the other way for {listed(against[~same_way])}: that step did not reproduce.")
     return lines
 
 
@@ -164,14 +177,15 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
     ]
     if len(table4):
         lines += [
-            "| step | the study says | our verdict | Δ test accuracy [95 % CI] (seed) | Holm p | Δ of the means over seeds "
-            "| Δ per pair of runs |",
-            "|---|---|---|---|---|---|---|",
+            "| step | the study says | the study's Δ | our verdict | Δ test accuracy [95 % CI] (seed) | Holm p "
+            "| Δ of the means over seeds | Δ per pair of runs |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for _, r in table4.iterrows():
             several = r["n_new"] > 1 or r["n_ref"] > 1
             lines.append(
-                f"| {r['model']} vs {r['compared_to']} | {r['study_claim'] or '(beyond the study)'} | **{r['verdict']}** | "
+                f"| {r['model']} vs {r['compared_to']} | {r['study_claim'] or '(beyond the study)'} | "
+                + (f"{r['study_diff']:+.4f}" if pd.notna(r["study_diff"]) else "") + f" | **{r['verdict']}** | "
                 f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] (seed {r['seed']}) | {r['p_holm']:.2g} | "
                 + (f"{r['mean_diff']:+.4f} ({r['n_new']:.0f} vs {r['n_ref']:.0f} seeds) | {r['diff_per_seed']} |"
                    if several else "(one seed each) | |")

@@ -90,9 +90,11 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
             continue
         claim = models[name].get("claim") or {}
         new, ref = accuracy[name], accuracy[reference]
+        published = [(models[m].get("published") or {}).get("val_accuracy", np.nan) for m in (name, reference)]
         rows.append({
             "model": name, "compared_to": reference, "note": models[name].get("note", ""),
-            "study_claim": claim.get("verdict", ""), "study_says": claim.get("says", ""), "seed": seeds[0],
+            "study_claim": claim.get("verdict", ""), "study_says": claim.get("says", ""),
+            "study_diff": published[0] - published[1], "seed": seeds[0],
             **paired(correct[(name, seeds[0])], correct[(reference, seeds[0])]),
             "n_new": len(new), "n_ref": len(ref), "mean_diff": float(np.mean(new) - np.mean(ref)),
             "std_new": float(np.std(new, ddof=1)) if len(new) > 1 else np.nan,
@@ -125,5 +127,7 @@ def footnote(frame: pd.DataFrame, runs: pd.DataFrame) -> str:
         "pair of training runs (same seed where both have it; a single-seed entry against each seed of the "
         "other): a step whose sign changes between pairs is within training noise, whatever its verdict. "
         "The study's claims are read from its text (its words are in the CSV's "
-        "study_says column); its own numbers came from single runs validated on the test set."
+        "study_says column); its own numbers came from single runs validated on the test set. Study's Δ: "
+        "the difference of the two entries' validation accuracies as the study published them (its test set, "
+        "one run each, no test behind it)."
     )

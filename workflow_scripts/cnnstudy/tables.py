@@ -276,6 +276,7 @@ def steps_table(inputs: Inputs):
         Column("step", "Step", show=lambda r: f"{r['model']} vs {r['compared_to']}"),
         Column("note", "Change"),
         Column("study_claim", "Study's claim", show=lambda r: r["study_claim"] or "(beyond the study)"),
+        Column("study_diff", "Study's Δ", show=lambda r: f"{r['study_diff']:+.4f}" if pd.notna(r["study_diff"]) else ""),
         Column("verdict", "Our verdict"),
         Column("agrees", "Agrees", show=lambda r: {True: "yes", False: "no"}.get(r["agrees"], "")),
         Column("diff", "Δ test acc. (seed)", show=lambda r: f"{r['diff']:+.4f} (seed {r['seed']})"),
