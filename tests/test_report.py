@@ -320,6 +320,11 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
     assert "also changes between pairs of runs for c vs b, where our verdict went against the study's claim" in text
     # c's claim (no change) did not hold for seed 0 (worse), and the study's own numbers also fell.
     assert "its own published numbers moved our way for c vs b (study -0.0500, ours -0.1000)" in text
+    assert "The claim held for us" not in text  # b: the study's numbers rose (+0.10), as ours did
+    models["b"]["published"]["val_accuracy"] = 0.55
+    text = " ".join(publish.claims_summary(stats.steps_frame(models, runs, correct)))
+    assert "The claim held for us, though the study's own numbers moved the other way, for b vs a (study -0.0500" in text
+    models["b"]["published"]["val_accuracy"] = 0.70
     models["c"]["published"]["val_accuracy"] = 0.75
     text = " ".join(publish.claims_summary(stats.steps_frame(models, runs, correct)))
     assert "moved our way" not in text and "other way for c vs b (study +0.0500, ours -0.1000)" in text

@@ -110,6 +110,10 @@ def claims_summary(table4) -> list[str]:
                      f"{listed(against[same_way])}: the text claims what its table does not show.")  # fmt: skip
     if (~same_way).any():
         lines.append(f"Its numbers moved the other way for {listed(against[~same_way])}: that step did not reproduce.")
+    agreed = claimed[held & claimed["study_diff"].notna()]
+    unsupported = agreed[np.sign(agreed["study_diff"]) != np.sign(agreed["diff"])]
+    if len(unsupported):
+        lines.append(f"The claim held for us, though the study's own numbers moved the other way, for {listed(unsupported)}.")
     return lines
 
 
