@@ -325,6 +325,10 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
     text = " ".join(publish.claims_summary(stats.steps_frame(models, runs, correct)))
     assert "The claim held for us, though the study's own numbers moved the other way, for b vs a (study -0.0500" in text
     models["b"]["published"]["val_accuracy"] = 0.70
+    # A verdict of no significant change is not "the study's way" or "the other way" of one pair of numbers.
+    unjudged = stats.steps_frame(models, runs, correct)
+    unjudged.loc[0, ["verdict", "agrees"]] = ["no significant change", False]
+    assert "b vs a (study" not in " ".join(publish.claims_summary(unjudged))
     models["c"]["published"]["val_accuracy"] = 0.75
     text = " ".join(publish.claims_summary(stats.steps_frame(models, runs, correct)))
     assert "moved our way" not in text and "other way for c vs b (study +0.0500, ours -0.1000)" in text

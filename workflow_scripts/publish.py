@@ -98,21 +98,24 @@ def claims_summary(table4) -> list[str]:
         lines.append(f"The sign of the step also changes between pairs of runs for {other_flips}, where our verdict went"
                      " against the study's claim: that verdict is the compared pair's and within training noise, so it"
                      " does not refute the claim.")  # fmt: skip
-    against = claimed[~held & claimed["study_diff"].notna()]
-    same_way = np.sign(against["study_diff"]) == np.sign(against["diff"])
+    # The study's own published numbers against our verdict: which way each moved (+1, -1; 0 when
+    # a verdict or claim is "no significant change", which one pair of numbers cannot judge).
+    direction = {"improved": 1, "worse": -1}
+    known = claimed[claimed["study_diff"].notna()]
+    study = np.sign(known["study_diff"])
+    ours, claim = known["verdict"].map(direction).fillna(0), known["study_claim"].map(direction).fillna(0)
+    held_known = held[known.index]
 
     def listed(rows) -> str:
         return ", ".join(f"{r['model']} vs {r['compared_to']} (study {r['study_diff']:+.4f}, ours {r['diff']:+.4f})"
                          for _, r in rows.iterrows())  # fmt: skip
 
-    if same_way.any():
+    if (our_way := known[~held_known & (study == ours) & (ours != 0)]).size:
         lines.append(f"Where our verdict went against the study's words, its own published numbers moved our way for "
-                     f"{listed(against[same_way])}: the text claims what its table does not show.")  # fmt: skip
-    if (~same_way).any():
-        lines.append(f"Its numbers moved the other way for {listed(against[~same_way])}: that step did not reproduce.")
-    agreed = claimed[held & claimed["study_diff"].notna()]
-    unsupported = agreed[np.sign(agreed["study_diff"]) != np.sign(agreed["diff"])]
-    if len(unsupported):
+                     f"{listed(our_way)}: the text claims what its table does not show.")  # fmt: skip
+    if (other_way := known[~held_known & (study == -ours) & (ours != 0)]).size:
+        lines.append(f"Its numbers moved the other way for {listed(other_way)}: that step did not reproduce.")
+    if (unsupported := known[held_known & (study != claim) & (claim != 0)]).size:
         lines.append(f"The claim held for us, though the study's own numbers moved the other way, for {listed(unsupported)}.")
     return lines
 
