@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.metadata
 import platform
@@ -37,16 +38,55 @@ def git_state(repo: Path = REPO) -> dict:
         return {"commit": None, "dirty": None}
 
 
-def code_hash(script: str) -> str:
-    """SHA-256 (16 hex digits) of the code a job runs: its script and the shared cnnstudy package.
+def _local_module(name: str, package: str | None = None) -> Path | None:
+    """The file under workflow_scripts/ that module ``name`` is (None: not the workflow's code)."""
+    for candidate in (SCRIPTS / Path(*name.split(".")).with_suffix(".py"), SCRIPTS / Path(*name.split(".")) / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
-    Content only (paths relative to workflow_scripts/), so the same code hashes the same in
-    any checkout, and any change to what trains, however small, changes the hash.
+
+def import_closure(script: str) -> list[Path]:
+    """The workflow's own files that ``script`` (under workflow_scripts/) imports, itself included,
+    followed through every import, also those inside functions: the code that can change its result."""
+    todo, seen = [SCRIPTS / script], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        package = ".".join(path.parent.relative_to(SCRIPTS).parts)  # '' for a script, 'cnnstudy' inside it
+        names = []
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x, from .x import y
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                    base = ".".join([*parent, *([base] if base else [])])
+                names.append(base)
+                names += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module`
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # a package's __init__ runs before its modules
+                found = _local_module(".".join(parts[:i]))
+                if found is not None:
+                    todo.append(found)
+    return sorted(seen)
+
+
+def code_hash(script: str) -> str:
+    """SHA-256 (16 hex digits) of the code a job runs: its script and every workflow module it
+    imports (import_closure), and nothing else: a report module's change leaves a training job's
+    hash alone.
+
+    By content only (the sorted digests of the files, not their paths), so the same code hashes
+    the same in any checkout, a moved file is no change, and any change to what runs, however
+    small, changes the hash.
     """
-    digest = hashlib.sha256()
-    for path in sorted([SCRIPTS / script, *(SCRIPTS / "cnnstudy").glob("*.py")]):
-        digest.update(path.relative_to(SCRIPTS).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    digests = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in import_closure(script))
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
 def record(script: str, packages: bool = True, **extra) -> dict:

@@ -86,9 +86,20 @@ def time_to(metrics: dict, target: float, unit: str = "train_seconds") -> float:
     return float("nan")
 
 
+def code_status(record: dict, stage: str, current: str) -> str:
+    """Whether a result's ``stage`` code ("training" or "evaluation") is the ``current`` code:
+    "same" (it hashes the same), "verified" (it differs, but verify_published checked the result
+    with code that hashes as ``current``) or "differs"."""
+    if (record.get(stage) or {}).get("code_hash") == current:
+        return "same"
+    if any((v.get("code_hashes") or {}).get(stage) == current for v in record.get("verified") or []):
+        return "verified"
+    return "differs"
+
+
 def per_run(metrics: list[dict]) -> pd.DataFrame:
     """One row per (model, seed): the quantities, sizes, provenance, whether other code trained it."""
-    current = provenance.code_hash("train.py")
+    current = {"training": provenance.code_hash("train.py"), "evaluation": provenance.code_hash("evaluate.py")}
     rows = [
         {
             "model": m["model"],
@@ -97,11 +108,15 @@ def per_run(metrics: list[dict]) -> pd.DataFrame:
             "params": m["params"],
             "layers": m["layers"],
             "provenance": m["provenance"],
-            "stale": (m["provenance"].get("training") or {}).get("code_hash") != current,
+            "training_code": code_status(m["provenance"], "training", current["training"]),
+            "evaluation_code": code_status(m["provenance"], "evaluation", current["evaluation"]),
         }
         for m in metrics
     ]
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    if len(runs):
+        runs["stale"] = runs["training_code"] == "differs"
+    return runs
 
 
 def aggregate(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
@@ -148,8 +163,9 @@ LADDER_NOTE = (
     "runs. Time-to-accuracy columns (models that record it): training seconds, validation excluded, "
     "or training images seen, until the model as evaluated, measured after every epoch, first reached "
     "the target test accuracy; blank where it never did. "
-    f"{STALE} after a model name: trained by code that differs from the current code (its training "
-    "code hash, in the provenance table); rerun it before citing the number."
+    f"{STALE} after a model name: trained by code that differs from the current training code (the "
+    "hash of what the train script imports, in the provenance table) and not verified against it "
+    "(make verify-published); verify or rerun it before citing the number."
 )
 
 
@@ -390,11 +406,18 @@ def provenance_table(inputs: Inputs):
             "TensorFlow": packages.get("tensorflow"), "Keras": packages.get("keras"), "NumPy": packages.get("numpy"),
             "Config hash": p.get("spec_hash"), "Data md5": (p.get("data") or {}).get("npz_md5"),
             "Trained at commit": (trained.get("git_commit") or "")[:12] + ("-dirty" if trained.get("git_dirty") else ""),
-            "Training code": trained.get("code_hash"), "Code now": f"differs {STALE}" if run["stale"] else "same",
+            "Training code": trained.get("code_hash"), "Code now": run["training_code"] + (f" {STALE}" if run["stale"] else ""),
+            "Evaluation code now": run["evaluation_code"],
+            "Verified at commit": ", ".join(f"{v['commit'][:12]} ({v['date']}, {v['epochs']})" for v in p.get("verified") or []),
         })  # fmt: skip
     numeric = pd.DataFrame(rows)
-    note = ("One row per model and seed, from its metrics file. Training code: hash of train.py and the cnnstudy "
-            "package when the model was trained; Code now: whether the current code hashes the same.")  # fmt: skip
+    note = ("One row per model and seed, from its metrics file. Training code: hash of the train script and "
+            "every workflow module it imports, when the model was trained; Code now: same (the current "
+            "training code hashes the same), verified (it differs, but make verify-published retrained the "
+            "run's first epochs with code that hashes as the current code and found every history value "
+            "equal: Verified at commit, with the date and the epochs compared) or differs "
+            f"{STALE} (neither: verify or rerun it). Evaluation code now: the same for the code that "
+            "evaluated the run. A run verified at a commit can be reproduced from a checkout of it.")  # fmt: skip
     return numeric, [Column(c, c) for c in numeric.columns], note
 
 
