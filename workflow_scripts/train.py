@@ -20,6 +20,7 @@ goes on at a lower rate.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -29,7 +30,7 @@ import numpy as np
 
 from cnnstudy import checkpoint, cli, configuration, provenance, runtime
 from cnnstudy.errors import JobError
-from cnnstudy.files import atomic_path, read_json, write_json
+from cnnstudy.files import atomic_path, ensure_space, read_json, write_json
 
 log = logging.getLogger("cnnstudy.train")
 
@@ -83,6 +84,7 @@ def main(
     weights_manifest: str | None = None,
     require_gpu: str = "auto",
     deterministic_ops: bool = True,
+    stop_after_epoch: int | None = None,
 ) -> dict:
     started = time.time()
     spec = spec if isinstance(spec, dict) else read_json(spec)
@@ -96,13 +98,19 @@ def main(
     train, val, test = _arrays(Path(data), with_test=spec["time_to_accuracy"])
     model = models.build_model(spec, num_classes=train[1].shape[1], input_shape=train[0].shape[1:],
                                weights_path=weights_path, train_images=train[0])  # fmt: skip
+    log.info("the entry as resolved (its training spec):\n%s", json.dumps(spec, indent=1, sort_keys=True))
+    model.summary(print_fn=lambda line, *_, **__: log.info("%s", line), line_length=79)  # rich: 80 columns
     resumed_from = state.latest.epoch if state.latest else 0
     if resumed_from:
         log.info("resuming after epoch %d (phase %d) from %s", resumed_from, state.latest.phase, state.latest.path)
     live = str(Path(model_out).parent / "tensorboard")  # under the job's results folder, for `tensorboard --logdir`
-    fit = training.fit_phases(model, spec, seed, state, train, val, env["jit_compile"], evaluate_on=test, tensorboard=live)
+    fit = training.fit_phases(model, spec, seed, state, train, val, env["jit_compile"], evaluate_on=test, tensorboard=live,
+                              stop_after=stop_after_epoch)  # fmt: skip
     history = training.history_frame(fit["rows"], job)
 
+    weights_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
+    ensure_space(model_out, int(1.1 * weights_bytes) + 2**20, "the trained model", f"nothing was written; the training state "
+                 f"in {state_dir} is kept: free space and rerun the job, it writes the same outputs without retraining")  # fmt: skip
     with atomic_path(model_out, suffix=".keras") as tmp:
         model.save(tmp)
     with atomic_path(history_out) as tmp:
@@ -131,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-manifest", default=None, help="fetch_weights manifest for ImageNet backbones")
     p.add_argument("--require-gpu", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--deterministic-ops", default=True, type=lambda v: v.lower() == "true", help="true|false (GPUs)")
+    p.add_argument("--stop-after-epoch", type=int, default=None,
+                   help="end after this epoch, as if interrupted (verify_published: never a finished job's outputs)")  # fmt: skip
     return p
 
 

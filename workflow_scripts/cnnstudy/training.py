@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 
 import keras
@@ -25,6 +26,7 @@ import pandas as pd
 from . import datasets, models, predict
 from .checkpoint import Checkpoint, TrainingState
 from .errors import JobError
+from .files import collect_quietly, disk_full, disk_full_error, ensure_space
 
 log = logging.getLogger("cnnstudy.train")
 
@@ -160,8 +162,34 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.rows.append({"epoch": epoch + 1, **{k: v if isinstance(v, int) else float(v) for k, v in logs.items()}})
         super().on_epoch_end(epoch, logs)
 
+    def checkpoint_bytes(self) -> int:
+        """The space the next checkpoint needs: the last one's size, else its variables' bytes."""
+        if self.state.latest is not None:
+            return sum(p.stat().st_size for p in self.state.latest.path.iterdir() if p.is_file())
+        variables = [*self.model.variables, *self.model.optimizer.variables]
+        best = len(self.model.weights) if self.early is not None else 0
+        return int(1.1 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)) * (2 if best else 1) + 2**20
+
     def _save_model(self):
+        sealed = self.state.latest.epoch if self.state.latest else 0
+        then = (f"the last sealed checkpoint (after epoch {sealed}) is kept; free space and rerun the job: it resumes "
+                "there and gives the same result")  # fmt: skip
+        ensure_space(self.state.root, self.checkpoint_bytes(), f"the checkpoint of epoch {self._current_epoch} into", then)
         tmp = self.state.begin(self.phase, self._current_epoch)
+        try:
+            self._save_into(tmp)
+            return
+        except OSError as exc:  # the checkpoint stays unsealed (ignored); the last sealed one is kept
+            if not disk_full(exc):
+                raise
+            error = disk_full_error(tmp, f"the checkpoint of epoch {self._current_epoch} into", then)
+        # Outside the handler, so the failed write's frames are gone: close h5py's half-written
+        # file now (its close fails again, quietly) rather than at exit, where it crashes.
+        collect_quietly()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error
+
+    def _save_into(self, tmp):
         self._weights_path, self._training_metadata_path = str(tmp / self.WEIGHTS), str(tmp / self.METADATA)
         super()._save_model()
         extra = {"history": self.rows, "early_stopping": None}
@@ -197,13 +225,15 @@ def phases(spec: dict) -> list[dict]:
 
 
 def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, jit, evaluate_on=None,
-               tensorboard: str | None = None) -> dict:  # fmt: skip
+               tensorboard: str | None = None, stop_after: int | None = None) -> dict:  # fmt: skip
     """Train ``model`` through every phase of ``spec``, resuming from ``state``'s checkpoint.
 
     ``train`` and ``val`` are (images, one-hot labels); ``evaluate_on`` (images, labels)
     records the evaluated test accuracy after every epoch; ``tensorboard`` is a folder for
-    TensorBoard's event files (live curves: ``tensorboard --logdir results/``). Returns the
-    history rows, the kept epoch and whether early stopping ended training.
+    TensorBoard's event files (live curves: ``tensorboard --logdir results/``); ``stop_after``
+    ends training after that epoch (counted over all phases) as if interrupted there, the schedules
+    still set for every epoch of the entry (verify_published). Returns the history rows, the kept
+    epoch and whether early stopping ended training.
     """
     (x, y), batch, drop_last = train, spec["batch_size"], spec.get("drop_last", False)
     steps = datasets.steps_per_epoch(len(x), batch, drop_last)
@@ -234,6 +264,10 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         # Finished, or stopped early, before the kill: a fit of no epochs restores the
         # checkpoint and ends as the uninterrupted fit ended (EMA values, best weights).
         last = first if stopped or first >= end else end
+        if stop_after is not None:
+            if first >= stop_after:
+                break
+            last = min(last, stop_after)
         callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(per_epoch, total, index),
                      keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
         if evaluate_on is not None:
