@@ -1,6 +1,9 @@
 # The two commands for a fresh machine with Python 3.11 (see README.md):
 #   make run    create .venv and run the whole study
 #   make test   create .venv and run the test suite (what CI runs, via .ci/run)
+#   make verify-published   retrain the published runs' first epochs and compare (after any change
+#                           to training code): RUNS=model_09_seed0,model_17_seed0 EPOCHS=2 (0: whole
+#                           runs and their evaluation); RECORD=1 adds the checks to reports/study
 # Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11,
 #          GPU=1 (NVIDIA machines: install TensorFlow's GPU build, requirements-gpu.txt)
 
@@ -11,6 +14,10 @@ RESULTS ?= results
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
 GPU ?=
+RUNS ?=
+EPOCHS ?= 2
+CORES ?= 2
+RECORD ?=
 REQUIREMENTS = $(if $(GPU),requirements-gpu.txt,requirements.txt)
 STAMP = $(VENV)/.installed$(if $(GPU),-gpu)
 
@@ -18,8 +25,9 @@ STAMP = $(VENV)/.installed$(if $(GPU),-gpu)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DATA_ARG = $(if $(DATA),--config data_source=$(abspath $(DATA)))
+DATA_ITEM = $(if $(DATA),data_source=$(abspath $(DATA)))
 
-.PHONY: setup run test publish lint
+.PHONY: setup run test publish lint verify-published
 
 $(STAMP): $(REQUIREMENTS) requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +46,14 @@ test: setup
 # Publish a (finished or running) study run's small outputs into reports/study/, for git.
 publish: setup
 	python workflow_scripts/publish.py --results $(RESULTS) --out reports/study  # RESULTS may list several
+
+# One job per run, each with the thread count and precision its provenance records; a run that
+# differs fails the command with its run, epoch and column (the job's log is shown).
+verify-published: setup
+	snakemake verify_published --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS) \
+	    --config $(DATA_ITEM) results_dir=$(RESULTS) 'verify={runs: [$(RUNS)], epochs: $(EPOCHS)}'
+	$(if $(RECORD),python workflow_scripts/verify_published.py record --published reports/study \
+	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python workflow_scripts/publish.py --refresh reports/study)
 
 lint: setup
 	snakemake --lint

@@ -23,6 +23,7 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/track.smk"
 include: "rules/benchmark.smk"
+include: "rules/verify.smk"
 
 
 rule all:

@@ -34,6 +34,7 @@ wildcard_constraints:
     seed=r"\d+",
     backbone=r"[A-Za-z0-9]+",
     size=r"\d+",
+    epochs=r"\d+",
 
 
 def script(name):
@@ -117,3 +118,24 @@ def train_runtime(wildcards, attempt):
     """
     family_minutes = 180 if MODELS[wildcards.model].get("backbone") else 90
     return family_minutes * attempt
+
+
+def published_runs():
+    """The published runs to check, as (model, seed): config verify.runs, else all of them."""
+    root = Path(config["verify"]["published"])
+    names = config["verify"]["runs"] or sorted(
+        p.stem for p in (root / "metrics").glob("*_seed*.json")
+    )
+    found = [re.fullmatch(r"(.+)_seed(\d+)", name).groups() for name in names]
+    unknown = [m for m, _ in found if m not in MODELS]
+    if unknown:
+        raise ValueError(
+            f"verify: {', '.join(unknown)} not in this config's models (run_models?)"
+        )
+    return found
+
+
+def recorded_threads(wildcards):
+    """The intra-op threads the published run trained with: the job's threads."""
+    metrics = f"{config['verify']['published']}/metrics/{wildcards.model}_seed{wildcards.seed}.json"
+    return json.loads(Path(metrics).read_text())["provenance"]["threads"]["intra_op"]

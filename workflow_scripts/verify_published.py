@@ -1,0 +1,190 @@
+"""Check one published run (reports/study/) against the current code: retrain it and compare.
+
+    python workflow_scripts/verify_published.py --published reports/study --model model_09 --seed 0 \\
+        --spec results/specs/model_09.json --data results/data/cifar10.npz --manifest results/data/cifar10.json \\
+        --epochs 2 --scratch results/verify/model_09/seed_0.work --out results/verify/model_09/seed_0.json
+
+The run is retrained from scratch, in ``--scratch`` (never a finished job's outputs), with the
+thread count and precision its provenance records, for its full epoch count (schedules and weight
+averages depend on it) but stopped after ``--epochs`` epochs; every history column but wall-clock
+timing must equal the published rows, bit for bit. ``--epochs 0`` trains it to the end, evaluates
+it and also compares its validation and test metrics.
+
+Identical: ``--out`` records the check (commit, date, epochs, the code hashes it vouches for), which
+``record`` then adds to the published metrics files' provenance:
+
+    python workflow_scripts/verify_published.py record --published reports/study results/verify/*/*.json
+
+Otherwise the job fails naming the run, epoch and column, and says "machine differs" instead of
+"code changed" where this machine or its packages cannot give what the run recorded (another
+device or CPU, no bf16 instructions for a bf16 run, other TensorFlow, Keras or NumPy versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+import evaluate
+import train
+from cnnstudy import cli, provenance, runtime
+from cnnstudy.errors import JobError
+from cnnstudy.files import read_json, write_json
+
+log = logging.getLogger("cnnstudy.verify")
+
+# The evaluated numbers compared after a full retrain (--epochs 0); timing is never compared.
+EVALUATED = ("test", "val", "kept_epoch", "last_epoch", "epochs_run", "stopped_early")
+PACKAGES = ("tensorflow", "keras", "numpy")
+
+
+def published_run(published: Path, model: str, seed: int) -> tuple[dict, pd.DataFrame]:
+    metrics, history = published / "metrics" / f"{model}_seed{seed}.json", published / "histories" / f"{model}_seed{seed}.csv"
+    for path in (metrics, history):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no published run {model} seed {seed} in {published}")
+    return read_json(metrics), pd.read_csv(history)
+
+
+def machine_differences(recorded: dict) -> list[str]:
+    """What this machine and environment cannot give of what the run recorded (empty: nothing)."""
+    found = []
+    device = recorded.get("device") or {}
+    if device.get("kind") == "CPU":
+        name, flags = runtime.cpu_info()
+        if device.get("name") and device["name"] != name:
+            found.append(f"CPU {name!r}, the run's was {device['name']!r}")
+        if recorded.get("precision") == "mixed_bfloat16" and not flags & set(runtime.BF16_CPU_FLAGS):
+            found.append(f"this CPU has no bf16 instructions ({', '.join(runtime.BF16_CPU_FLAGS)}) for a mixed_bfloat16 run")
+    elif device.get("kind"):
+        found.append(f"the run trained on a {device['kind']} ({device.get('name')}); verification runs on the CPU")
+    if runtime.available_cpus() < (recorded.get("threads") or {}).get("intra_op", 1):
+        found.append(f"{runtime.available_cpus()} CPU(s) for the run's {recorded['threads']['intra_op']} intra-op threads")
+    now = provenance.package_versions(PACKAGES)
+    then = (recorded.get("training") or {}).get("packages") or {}
+    found += [f"{name} {now[name]}, the run's {then[name]}" for name in PACKAGES if then.get(name) and then[name] != now[name]]
+    return found
+
+
+def history_differences(published: pd.DataFrame, got: pd.DataFrame, epochs: int | None) -> list[str]:
+    """Every (epoch, column) where ``got`` differs from the first ``epochs`` published rows."""
+    expected = published if epochs is None else published.iloc[:epochs]
+    columns = [c for c in expected.columns if c not in train.TIMING_COLUMNS]
+    found = [f"column {c} missing" for c in columns if c not in got.columns]
+    found += [f"column {c} not in the published history" for c in got.columns if c not in expected.columns]
+    if len(got) != len(expected):
+        found.append(f"{len(got)} epoch(s) trained, {len(expected)} published")
+    for (_, a), (_, b) in zip(expected.iterrows(), got.iterrows()):
+        for column in columns:
+            if column in got.columns and not (a[column] == b[column] or (pd.isna(a[column]) and pd.isna(b[column]))):
+                found.append(f"epoch {int(a['epoch'])}, column {column}: published {a[column]!r}, now {b[column]!r}")
+    return found
+
+
+def metric_differences(published: dict, got: dict) -> list[str]:
+    return [f"{key}: published {published.get(key)!r}, now {got.get(key)!r}" for key in EVALUATED if published.get(key) != got.get(key)]
+
+
+def main(published: str, model: str, seed: int, spec: str, data: str, manifest: str, epochs: int, scratch: str, out: str,
+         threads: int | None = None) -> dict:  # fmt: skip
+    metrics, history = published_run(Path(published), model, seed)
+    recorded = metrics["provenance"]
+    job = f"{model} seed {seed}"
+    data_md5 = read_json(manifest)["md5"]
+    if data_md5 != recorded["data"]["npz_md5"]:
+        raise JobError(f"{job}: the preprocessed data (md5 {data_md5}) differ from the run's ({recorded['data']['npz_md5']}): "
+                       "verify with the full data and the run's split (data_source, val_fraction, split_seed, no subset)")  # fmt: skip
+    machine = machine_differences(recorded)
+    for line in machine:
+        log.warning("%s: machine differs: %s", job, line)
+    threads = threads or recorded["threads"]["intra_op"]
+    stop = epochs or None
+    log.info("%s: retraining %s with %d thread(s), %s, comparing with %s", job,
+             f"epochs 1-{stop} of {metrics['epochs_run']}" if stop else "every epoch", threads, recorded["precision"], published)  # fmt: skip
+    work = Path(scratch)
+    shutil.rmtree(work, ignore_errors=True)
+    info = train.main(data, spec, str(work / "model.keras"), str(work / "history.csv"), str(work / "train_info.json"),
+                      str(work / "state"), seed=seed, threads=threads, precision=recorded["precision"],
+                      require_gpu="false", stop_after_epoch=stop)  # fmt: skip
+    differences = history_differences(history, pd.read_csv(work / "history.csv"), stop)
+    hashes = {"training": provenance.code_hash("train.py")}
+    if not stop:
+        got = evaluate.main(data, manifest, str(work / "model.keras"), str(work / "history.csv"), str(work / "train_info.json"),
+                            str(work / "metrics.json"), str(work / "test_probs.npz"), tta=metrics.get("tta", "none"),
+                            threads=threads)  # fmt: skip
+        differences += metric_differences(metrics, got)
+        hashes["evaluation"] = provenance.code_hash("evaluate.py")
+    if differences:
+        verdict = "machine differs" if machine else "code changed"
+        detail = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        cause = (f"machine differs ({'; '.join(machine)}): the numbers cannot tell whether the code changed"
+                 if machine else "code changed: the current code no longer reproduces the published run; retrain and republish it")  # fmt: skip
+        raise JobError(f"{job}: {verdict}: {detail}. {cause}")
+    git = provenance.git_state()
+    result = {
+        "model": model, "seed": seed, "verdict": "identical",
+        "commit": git["commit"], "dirty": git["dirty"], "date": datetime.date.today().isoformat(),
+        "epochs": f"1-{stop}" if stop else f"all {metrics['epochs_run']} and the evaluation",
+        "code_hashes": hashes, "spec_hash": info["spec_hash"], "threads": threads, "precision": info["precision"],
+        "machine": {"device": info["device"], "packages": provenance.package_versions(PACKAGES), "differences": machine},
+    }  # fmt: skip
+    write_json(out, result)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("%s: identical to the published run (%s)", job, result["epochs"])
+    return result
+
+
+def record(published: str, checks: list[str]) -> list[str]:
+    """Add each identical check to its run's published provenance (``verified``), once per commit
+    and epochs; a check made from uncommitted code cannot be cited and is refused."""
+    written = []
+    for path in checks:
+        check = read_json(path)
+        if check.get("verdict") != "identical":
+            raise JobError(f"{path}: not an identical check ({check.get('verdict')})")
+        if check["dirty"] or not check["commit"]:
+            raise JobError(f"{path}: made from a checkout with uncommitted changes (or outside git): check out a commit and verify again")  # noqa: E501
+        target = Path(published) / "metrics" / f"{check['model']}_seed{check['seed']}.json"
+        metrics = read_json(target)
+        entry = {k: check[k] for k in ("commit", "date", "epochs", "code_hashes", "spec_hash", "threads", "precision", "machine")}
+        kept = [v for v in metrics["provenance"].get("verified", []) if (v["commit"], v["epochs"]) != (entry["commit"], entry["epochs"])]
+        metrics["provenance"]["verified"] = [*kept, entry]
+        write_json(target, metrics)
+        written.append(str(target))
+        log.info("%s seed %s: verified at %s (%s)", check["model"], check["seed"], check["commit"][:12], check["epochs"])
+    return written
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--published", default="reports/study", help="the published study folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--spec", required=True, help="the entry's training spec from the current config (results/specs/<model>.json)")
+    p.add_argument("--data", required=True, help="the full-data .npz")
+    p.add_argument("--manifest", required=True, help="its manifest (md5 compared with the run's)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs to compare (0: all, and the evaluated metrics)")
+    p.add_argument("--scratch", required=True, help="a scratch folder for the retrained run (removed when identical)")
+    p.add_argument("--out", required=True, help="the check's record (written only when identical)")
+    p.add_argument("--threads", type=int, default=None, help="default: the run's recorded intra-op threads")
+    return p
+
+
+def record_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Add identical checks to the published runs' provenance.")
+    p.add_argument("--published", default="reports/study")
+    p.add_argument("checks", nargs="+", help="check records written by verify_published.py")
+    return p
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["record"]:
+        sys.argv.pop(1)
+        sys.exit(cli.run(record, record_parser()))
+    sys.exit(cli.run(main, parser()))
