@@ -368,3 +368,34 @@ def test_paired_statistics_come_from_scipy_and_statsmodels():
     assert result["ci_low"] < result["diff"] < result["ci_high"] and result["ci_low"] > 0
     assert stats.verdict(0.02, 0.001) == "improved" and stats.verdict(-0.02, 0.001) == "worse"
     assert stats.verdict(0.02, 0.2) == "no significant change"
+
+
+def test_the_training_code_hash_is_what_train_imports_by_content(tmp_path):
+    """A report module's change leaves the training code hash alone; a training module's changes
+    it; a moved script (same content, same imports) is no change."""
+    from cnnstudy import provenance
+
+    root = tmp_path / "workflow_scripts"
+    shutil.copytree(provenance.SCRIPTS, root, ignore=shutil.ignore_patterns("__pycache__"))
+    scripts = ("train.py", "evaluate.py", "report.py")
+    before = {s: provenance.code_hash(s, root) for s in scripts}
+    assert before["train.py"] == provenance.code_hash("train.py")
+    closure = {p.relative_to(root).as_posix() for p in provenance.import_closure("train.py", root)}
+    assert {"train.py", "cnnstudy/training.py", "cnnstudy/models.py", "cnnstudy/checkpoint.py", "cnnstudy/predict.py",
+            "cnnstudy/datasets.py", "cnnstudy/runtime.py", "cnnstudy/weights.py"} <= closure  # fmt: skip
+    assert not {"cnnstudy/tables.py", "cnnstudy/stats.py", "report.py", "publish.py"} & closure
+
+    with open(root / "cnnstudy" / "tables.py", "a") as fh:
+        fh.write("\n# a report-only change\n")
+    after = {s: provenance.code_hash(s, root) for s in scripts}
+    assert after["train.py"] == before["train.py"] and after["evaluate.py"] == before["evaluate.py"]
+    assert after["report.py"] != before["report.py"]
+
+    (root / "jobs").mkdir()
+    shutil.move(root / "train.py", root / "jobs" / "train.py")
+    assert provenance.code_hash("jobs/train.py", root) == before["train.py"], "a moved file is not a change"
+
+    with open(root / "cnnstudy" / "training.py", "a") as fh:
+        fh.write("\n# a change to the training loop\n")
+    assert provenance.code_hash("jobs/train.py", root) != before["train.py"]
+    assert provenance.code_hash("evaluate.py", root) == before["evaluate.py"], "evaluation does not import training"

@@ -38,24 +38,25 @@ def git_state(repo: Path = REPO) -> dict:
         return {"commit": None, "dirty": None}
 
 
-def _local_module(name: str, package: str | None = None) -> Path | None:
-    """The file under workflow_scripts/ that module ``name`` is (None: not the workflow's code)."""
-    for candidate in (SCRIPTS / Path(*name.split(".")).with_suffix(".py"), SCRIPTS / Path(*name.split(".")) / "__init__.py"):
+def _local_module(name: str, root: Path) -> Path | None:
+    """The file under ``root`` (workflow_scripts/) that module ``name`` is (None: not the workflow's code)."""
+    for candidate in (root / Path(*name.split(".")).with_suffix(".py"), root / Path(*name.split(".")) / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
 
 
-def import_closure(script: str) -> list[Path]:
+def import_closure(script: str, root: Path = SCRIPTS) -> list[Path]:
     """The workflow's own files that ``script`` (under workflow_scripts/) imports, itself included,
     followed through every import, also those inside functions: the code that can change its result."""
-    todo, seen = [SCRIPTS / script], set()
+    todo, seen = [root / script], set()
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
-        package = ".".join(path.parent.relative_to(SCRIPTS).parts)  # '' for a script, 'cnnstudy' inside it
+        # The package a module is in ('' for a script, wherever it lies; 'cnnstudy' for its modules).
+        package = "" if path == root / script else ".".join(path.parent.relative_to(root).parts)
         names = []
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
@@ -70,13 +71,13 @@ def import_closure(script: str) -> list[Path]:
         for name in names:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):  # a package's __init__ runs before its modules
-                found = _local_module(".".join(parts[:i]))
+                found = _local_module(".".join(parts[:i]), root)
                 if found is not None:
                     todo.append(found)
     return sorted(seen)
 
 
-def code_hash(script: str) -> str:
+def code_hash(script: str, root: Path = SCRIPTS) -> str:
     """SHA-256 (16 hex digits) of the code a job runs: its script and every workflow module it
     imports (import_closure), and nothing else: a report module's change leaves a training job's
     hash alone.
@@ -85,7 +86,7 @@ def code_hash(script: str) -> str:
     the same in any checkout, a moved file is no change, and any change to what runs, however
     small, changes the hash.
     """
-    digests = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in import_closure(script))
+    digests = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in import_closure(script, root))
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
