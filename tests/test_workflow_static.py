@@ -64,3 +64,23 @@ def test_entries_train_their_own_seeds(tmp_path):
     models = {(m, int(s)) for m, s in trained}
     assert {("model_10", 0), ("model_10", 1), ("model_10", 2), ("model_09", 0)} <= models
     assert ("model_09", 1) not in models  # seeds are not inherited through base:
+
+
+def test_verify_published_plans_one_job_per_published_run_only_when_asked(tmp_path):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "study").symlink_to(REPO / "reports" / "study")
+    published = len(list((REPO / "reports" / "study" / "metrics").glob("*_seed*.json")))
+    jobs = _jobs(snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz").stdout)
+    assert jobs["verify_run"] == published and jobs["spec"] == len({p.split("_seed")[0] for p in _published(REPO)})
+    chosen = "verify={runs: [model_09_seed0, model_17_seed0], epochs: 1}"
+    proc = snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz", chosen)
+    assert _jobs(proc.stdout)["verify_run"] == 2 and "epochs_1.json" in proc.stdout
+    # Other targets never read the published runs: a run of one entry plans as before.
+    snakemake("-n", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz", "run_models=[model_10]")
+    proc = snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz",
+                     "run_models=[model_10]", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "not in this config's models" in proc.stdout + proc.stderr
+
+
+def _published(repo) -> list[str]:
+    return [p.stem for p in (repo / "reports" / "study" / "metrics").glob("*_seed*.json")]
