@@ -11,7 +11,15 @@ and the page says how far it got) it writes, and never trains or evaluates anyth
     figures/    learning curves, confusion matrices, the ladder, the forest plot of Table 4
     README.md   the results page: the study's numbers beside ours, which claims held
 
+    models.json the entries as the runs were described (for --refresh)
+
 Trained models, test-set probabilities and data stay out (they are large or derived data).
+
+    python workflow_scripts/publish.py --refresh reports/study
+
+rewrites, from the folder alone (the results directories may be gone), what depends on the runs'
+provenance and the current code: Table 1 (its † marks), the provenance table and the page; after
+``verify_published.py record`` has added checks to the metrics files.
 The entries are described as they were trained: each from the specs/models.json of the results
 directory its runs are in (a later rung run from a newer checkout, in a directory of its own, is
 published beside the study's run without touching it); models.json is the merged description.
@@ -23,7 +31,6 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +47,9 @@ log = logging.getLogger("cnnstudy.publish")
 # Table 2 (transfer learning) cannot be rerun without ImageNet weights; per-job benchmarks are
 # that machine's timings, not results.
 PUBLISHED_TABLES = ["table1", "table3", "table4", "provenance"]
+# What --refresh rewrites: the tables that read the runs' provenance and the current code's hashes.
+REFRESHED_TABLES = ["table1", "provenance"]
+MODELS_FILE = "models.json"
 
 
 def _runs(results: Path) -> list[tuple[str, int, Path]]:
@@ -120,6 +130,32 @@ def claims_summary(table4) -> list[str]:
     return lines
 
 
+def reproduced_by(metrics: list[dict], total: int) -> list[str]:
+    """Which commits reproduce the runs (verify_published's checks) and what the † means."""
+    checks: dict[str, dict[str, int]] = {}
+    for m in metrics:
+        for check in m["provenance"].get("verified") or []:
+            checks.setdefault(check["commit"], {}).setdefault(check["epochs"], 0)
+            checks[check["commit"]][check["epochs"]] += 1
+    lines = [
+        "A run trains from a checkout pinned where it started, so the code moves on beside it. `make",
+        "verify-published` checks the published runs against a checkout's code: it retrains each run's first",
+        "epochs (two by default) with the thread count and precision the run recorded, and requires every",
+        "history value but timing to equal the published one, bit for bit; a run whose first two epochs",
+        "match has trained the same arithmetic (data order, augmentation and dropout draws, optimizer, schedule).",
+    ]
+    if checks:
+        lines.append("**Reproduce these runs from:** " + "; ".join(
+            f"commit {commit[:12]} (" + ", ".join(f"{n} of {total} runs: epochs {epochs}" for epochs, n in sorted(done.items())) + ")"
+            for commit, done in checks.items()) + ": `git checkout` it and run the recipe in the repository's README.")  # fmt: skip
+    lines += [
+        "The tables mark † a run whose training code (the train script and every module it imports) differs",
+        "from this checkout's and that no such check has vouched for; tables/provenance.md has each run's",
+        "commits, code hashes and checks. CI runs the check on model_09 and model_17 (`tests/test_verify_published.py`).",
+    ]
+    return lines
+
+
 def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs: list, expected: int) -> str:
     """The results page, written for a reader of the study."""
     metrics = [read_json(out / "metrics" / f"{m}_seed{s}.json") for m, s, _ in runs]
@@ -142,10 +178,7 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         f"{device.get('name', '')}, {', '.join(map(str, threads))} intra-op thread(s), "
         f"{metrics[0]['provenance'].get('precision', '?') if metrics else '?'}; "
         f"{seconds / 3600:.1f} h of training in all.",
-        "The run trains from a checkout pinned where it started, so the code moves on beside it and the",
-        "tables mark such runs † (training code hash differs from this checkout's). Whether the numbers moved",
-        "with it is what `tests/test_published.py` checks in CI: it retrains a cheap rung's first epoch with",
-        "the current code and requires the published history row, bit for bit; if it fails, republish.",
+        *reproduced_by(metrics, len(runs)),
         "",
         "## Table 1: the study's numbers and ours",
         "",
@@ -274,7 +307,48 @@ def merged_entries(results_dirs: list[Path]) -> tuple[dict, list[tuple[str, int,
     return entries, runs
 
 
-def main(results: list[str] | str, out: str, expected: int | None = None) -> dict:
+def published_entries(out_dir: Path, names: set[str]) -> dict:
+    """The entries of a published folder: its models.json, or (a folder published before it kept
+    one) this checkout's config.yaml, whose training settings verify_published checks run by run."""
+    if (out_dir / MODELS_FILE).is_file():
+        return read_json(out_dir / MODELS_FILE)
+    import yaml
+
+    log.warning("%s has no %s: describing its runs with this checkout's config.yaml", out_dir, MODELS_FILE)
+    with open(Path(__file__).resolve().parents[1] / "config.yaml") as fh:
+        entries = configuration.load(yaml.safe_load(fh))
+    return {name: entry for name, entry in entries.items() if name in names}
+
+
+def refresh(out: str, expected: int | None = None) -> dict:
+    """Rewrite Table 1, the provenance table and the page from the published folder alone."""
+    out_dir = Path(out)
+    files = sorted((out_dir / "metrics").glob("*_seed*.json"))
+    if not files:
+        raise JobError(f"no published runs in {out_dir / 'metrics'}: nothing to refresh")
+    loaded = [read_json(f) for f in files]
+    entries = published_entries(out_dir, {m["model"] for m in loaded})
+    write_json(out_dir / MODELS_FILE, entries)
+    written = report.main(str(out_dir / MODELS_FILE), [str(f) for f in files], str(out_dir / "tables"), only=REFRESHED_TABLES)
+    table4 = pd.read_csv(out_dir / "tables" / "table4.csv", keep_default_na=False, na_values={"study_diff": [""]})
+    for column in ("diff", "ci_low", "ci_high", "p_holm", "mean_diff", "n_new", "n_ref"):
+        table4[column] = pd.to_numeric(table4[column])
+    table4["sign_holds"] = table4["sign_holds"].map({"True": True, "False": False, True: True, False: False})
+    table4["agrees"] = table4["agrees"].map({"True": True, "False": False, "": False, True: True, False: False})
+    info = configuration.complete(entries)
+    runs = [(m["model"], m["seed"], None) for m in loaded]
+    expected = expected or sum(len(spec["seeds"]) for spec in info.values())
+    with atomic_path(out_dir / "README.md") as tmp:
+        tmp.write_text(page(out_dir, info, written["table1"], table4, runs, expected))
+    log.info("refreshed %s from its %d run(s)", out_dir, len(loaded))
+    return written
+
+
+def main(results: list[str] | str | None, out: str, expected: int | None = None, refresh_only: bool = False) -> dict:
+    if refresh_only:
+        return refresh(out, expected)
+    if not results:
+        raise JobError("--results: give the study run's results directory (or --refresh)")
     results_dirs, out_dir = [Path(r) for r in ([results] if isinstance(results, str) else results)], Path(out)
     entries, runs = merged_entries(results_dirs)
     if not runs:
@@ -288,12 +362,11 @@ def main(results: list[str] | str, out: str, expected: int | None = None) -> dic
         write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", read_json(folder / "metrics.json"))
     metrics = [str(folder / "metrics.json") for _, _, folder, _ in runs]
     histories = [str(r / "models" / m / f"seed_{s}" / "history.csv") for m, s, _, r in runs]
-    with tempfile.TemporaryDirectory() as tmp:
-        models_file = Path(tmp) / "models.json"
-        write_json(models_file, entries)
-        written = report.main(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
-                              only=PUBLISHED_TABLES)  # fmt: skip
-        plots.main(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
+    models_file = out_dir / MODELS_FILE
+    write_json(models_file, entries)
+    written = report.main(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
+                          only=PUBLISHED_TABLES)  # fmt: skip
+    plots.main(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
     if not any(spec.get("sweep") for spec in info.values()):
         (out_dir / "figures" / "sweeps.png").unlink()  # the workflow's placeholder: a study run has no sweeps
     expected = expected or sum(len(spec["seeds"]) for spec in info.values())
@@ -306,7 +379,9 @@ def main(results: list[str] | str, out: str, expected: int | None = None) -> dic
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, nargs="+", help="the study run's results directory (and others, e.g. a later rung's)")
+    p.add_argument("--results", nargs="+", help="the study run's results directory (and others, e.g. a later rung's)")
+    p.add_argument("--refresh", dest="refresh_only", action="store_true",
+                   help="rewrite Table 1, provenance and the page from --out alone (after verify_published record)")  # fmt: skip
     p.add_argument("--out", default="reports/study", help="the folder to (re)write")
     p.add_argument("--expected", type=int, default=None, help="runs the study has in all (default: every seed of every entry in the run)")
     return p
