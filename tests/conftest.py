@@ -24,6 +24,14 @@ TINY = str(REPO / "presets" / "tiny.yaml")
 # Tiny runs: two one-thread jobs at a time. Their jobs are mostly TensorFlow's start-up, which two
 # jobs overlap; training counts against the `gpu` resource (1 by default), so it would run serially.
 TWO_AT_ONCE = ("--cores", "2", "--resources", "gpu=2", "--set-threads", "train=1", "evaluate=1")
+# Two one-thread jobs at a time but one GPU: training jobs run one after another (the `gpu` limit).
+ONE_GPU = ("--cores", "2", "--resources", "gpu=1", "--set-threads", "train=1", "evaluate=1")
+# A sweep of the tiny preset (tests/test_tracking.py): model_01 and two learning rates.
+SWEEP = {
+    "run_models": ["model_01", "lr"],
+    "sweeps": [{"name": "lr", "base": "model_01", "grid": {"optimizer.learning_rate": [0.02, 0.005]}}],
+}
+SWEEP_POINTS = ["model_01__learning_rate-0.02", "model_01__learning_rate-0.005"]
 
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -111,8 +119,19 @@ def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float =
 
 
 def copy_workdir(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A working directory with the tiny preset's data stage done (download, preprocess), made once:
+    a run started from a copy (copy_workdir keeps the files' times and Snakemake's records) plans
+    neither again."""
+    work = tmp_path_factory.mktemp("tiny_prepared")
+    snakemake("results/tiny/data/cifar10.npz", "--directory", str(work), "--configfile", TINY,
+              "--config", f"data_source={require_mirror()}", "--cores", "2")  # fmt: skip
+    return work
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +162,7 @@ def ladder_specs() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_prepared):
     """The tiny preset, run once in a scratch working directory; tests share the result."""
     import copy
 
@@ -151,13 +170,38 @@ def tiny_run(tmp_path_factory):
     from cnnstudy import configuration
 
     mirror = require_mirror()
-    work = tmp_path_factory.mktemp("tiny_run")
+    work = copy_workdir(tiny_prepared, tmp_path_factory.mktemp("tiny_run"))
     config = ["--config", f"data_source={mirror}"]
     proc = snakemake("--directory", str(work), "--configfile", TINY, *config, *TWO_AT_ONCE)
     with open(REPO / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     models = configuration.load(copy.deepcopy(cfg))
     return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def sweep_run(tmp_path_factory, tiny_prepared):
+    """The tiny preset: model_01 and a two-point sweep over its learning rate, every rule, two jobs
+    at a time under gpu=1 (its three training jobs must not overlap: tests/test_cluster.py)."""
+    import yaml
+
+    mirror = require_mirror()
+    work = copy_workdir(tiny_prepared, tmp_path_factory.mktemp("sweep_run"))
+    extra = work / "sweep.yaml"
+    extra.write_text(yaml.safe_dump({**SWEEP, "model_overrides": {"epochs": 2, "seeds": [0]}}))
+    args = ["--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}"]
+    dry = snakemake("-n", *args)
+    snakemake(*args, *ONE_GPU)
+    return {"work": work, "args": args, "dry": dry.stdout, "results": work / "results" / "tiny"}
+
+
+@pytest.fixture(scope="session")
+def full_data(tmp_path_factory) -> Path:
+    """A working directory holding the full-data .npz and its manifest (results/data/), as the
+    workflow makes them: the published runs' data (their md5 is checked)."""
+    work = tmp_path_factory.mktemp("full_data")
+    snakemake("results/data/cifar10.npz", "--directory", str(work), "--cores", "2", "--config", f"data_source={require_mirror()}")
+    return work
 
 
 def saved_epoch(state_dir: Path) -> int:

@@ -9,6 +9,21 @@ import time
 from pathlib import Path
 
 
+_APT_UPDATED = []
+
+
+def apt_update(env: dict | None = None) -> None:
+    """`apt-get update`, once per test session (Chromium, SLURM and Grid Engine each need a
+    package on a fresh CI machine; the lists fetched for the first serve the others)."""
+    if _APT_UPDATED:
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", **(env or {})}
+    proc = subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"apt-get update failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _APT_UPDATED.append(True)
+
+
 class Daemons:
     """Daemons this object started, each in its own session, logging to ``root/log/<name>.out``."""
 

@@ -27,7 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from daemons import Daemons
+from daemons import Daemons, apt_update
 
 PACKAGES = ["gridengine-master", "gridengine-exec", "gridengine-client"]
 # Declared, not real: room for the profile's own job sizes (8 threads per training job) on
@@ -79,7 +79,7 @@ def install() -> None:
         POLICY_RC.write_text("#!/bin/sh\n# written by tests/gridengine_cluster.py during apt-get install\nexit 101\n")
         POLICY_RC.chmod(0o755)
     try:
-        run("apt-get", "update", "-qq", timeout=600)
+        apt_update(env)
         run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES, timeout=900)
     finally:
         if own_policy:

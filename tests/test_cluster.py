@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, REPO, TINY, require_mirror, saved_epoch, snakemake, wait_for_epoch
+from conftest import BIN, REPO, SWEEP_POINTS, TINY, copy_workdir, require_mirror, saved_epoch, snakemake, wait_for_epoch
 from slurm_cluster import ACCOUNT, PARTITION, Cluster, install
 from test_workflow_static import _jobs
 
@@ -53,21 +53,18 @@ def _log_span(log_path):
 
 
 @pytest.mark.slow
-def test_local_gpu_resource_limits_concurrent_training(tmp_path):
-    mirror = require_mirror()
-    models = ["model_01", "model_02", "model_03"]
-    extra = _write(tmp_path / "three.yaml", {"run_models": models})
-    snakemake("tables", "--directory", str(tmp_path), "--configfile", TINY, extra, "--config", f"data_source={mirror}",
-              "--cores", "2", "--resources", "gpu=1", "--set-threads", "train=1", "evaluate=1")  # fmt: skip
-    spans = sorted(_log_span(tmp_path / f"results/tiny/logs/train/{m}/seed_0.log") for m in models)
+def test_local_gpu_resource_limits_concurrent_training(sweep_run):
+    """Three one-thread training jobs on two cores under --resources gpu=1 (the sweep run) never overlap."""
+    spans = sorted(_log_span(sweep_run["results"] / f"logs/train/{m}/seed_0.log") for m in ["model_01", *SWEEP_POINTS])
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end, f"training jobs overlapped with gpu=1: {spans}"
 
 
 @pytest.mark.slow
-def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path):
+def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path, tiny_prepared):
     """kill -9 Snakemake and its training job after epoch 2, as a node failure would; rerun."""
     mirror = require_mirror()
+    copy_workdir(tiny_prepared, tmp_path)
     extra = _write(tmp_path / "one.yaml", {"run_models": ["model_03"], "model_overrides": {"epochs": 5}})
     args = ["--directory", str(tmp_path), "--configfile", TINY, extra, "--config", f"data_source={mirror}", "--cores", "2"]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

@@ -145,11 +145,11 @@ def test_cli_reports_one_error_line(tmp_path, capsys):
 # ---- the real data --------------------------------------------------------------------------
 
 
-def test_real_mirror_full_dataset(tmp_path):
+def test_real_mirror_full_dataset(tmp_path, full_data):
     mirror = require_mirror()
-    raw = tmp_path / "raw"
-    download.main(mirror.as_uri(), str(raw))  # official md5s
-    info = preprocess.main(str(raw), str(tmp_path / "c.npz"), str(tmp_path / "c.json"))
+    download.main(mirror.as_uri(), str(tmp_path / "raw"))  # official md5s, from a file:// URL
+    # The workflow's own preprocess job on the full data (shared with test_verify_published.py).
+    info = json.loads((full_data / "results" / "data" / "cifar10.json").read_text())
     assert info["counts"] == {"train": 45000, "val": 5000, "test": 10000}
     assert info["class_counts"]["val"] == [500] * 10
     assert info["class_counts"]["test"] == [1000] * 10

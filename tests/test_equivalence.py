@@ -4,8 +4,8 @@ entry and of model_17 (reshuffles, an early stop, a schedule, EMA, TTA).
 
 The reference code is taken from git (the last commit before the refactoring of the entry
 handling and the training job). A change that is meant to alter the numerics moves REFERENCE
-to the commit that makes it, and says so; the published study results (test_published.py)
-must then be regenerated too.
+to the commit that makes it, and says so; the published study results (make verify-published,
+test_verify_published.py) must then be regenerated too.
 """
 
 from __future__ import annotations

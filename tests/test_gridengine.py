@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, REPO, TINY, missing, require_mirror, saved_epoch, snakemake, wait_for_epoch
+from conftest import BIN, REPO, TINY, copy_workdir, missing, require_mirror, saved_epoch, snakemake, wait_for_epoch
 from gridengine_cluster import GPU_COMPLEX, PE, QUEUE, Cluster, install
 from test_workflow_static import _jobs
 
@@ -269,9 +269,10 @@ def test_training_job_killed_with_qdel_is_resubmitted_and_resumes(gridengine, tm
 
 
 @pytest.mark.slow
-def test_ctrl_c_deletes_the_running_jobs(gridengine, tmp_path):
+def test_ctrl_c_deletes_the_running_jobs(gridengine, tmp_path, tiny_prepared):
     """The profile's cancel command: Snakemake interrupted with Ctrl-C runs qdel on its jobs."""
     mirror = require_mirror()
+    copy_workdir(tiny_prepared, tmp_path)  # the data stage done: the training job is the one to delete
     # Long enough to be running whenever the signal lands (50 epochs of the tiny data took 3 s).
     extra = _write(tmp_path / "long.yaml", {"run_models": ["model_01"], "model_overrides": {"epochs": 3000}})
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **gridengine.client_env}

@@ -14,28 +14,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, SCRIPTS, TINY, TWO_AT_ONCE, require_mirror, snakemake
+from conftest import BIN, SCRIPTS, SWEEP_POINTS, snakemake
 
 pytestmark = pytest.mark.slow
 
-SWEEP = {
-    "run_models": ["model_01", "lr"],
-    "sweeps": [{"name": "lr", "base": "model_01", "grid": {"optimizer.learning_rate": [0.02, 0.005]}}],
-}
-POINTS = ["model_01__learning_rate-0.02", "model_01__learning_rate-0.005"]
-
-
-@pytest.fixture(scope="module")
-def sweep_run(tmp_path_factory):
-    """The tiny preset: model_01 and a two-point sweep over its learning rate, every rule."""
-    mirror = require_mirror()
-    work = tmp_path_factory.mktemp("sweep_run")
-    extra = work / "sweep.yaml"
-    extra.write_text(yaml.safe_dump({**SWEEP, "model_overrides": {"epochs": 2, "seeds": [0]}}))
-    args = ["--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={mirror}"]
-    dry = snakemake("-n", *args)
-    snakemake(*args, *TWO_AT_ONCE)
-    return {"work": work, "args": args, "dry": dry.stdout, "results": work / "results" / "tiny"}
+POINTS = SWEEP_POINTS
 
 
 def test_a_sweep_expands_into_entries_that_train_and_fill_the_sweep_table(sweep_run):

@@ -29,14 +29,6 @@ def verify(work, published, runs, epochs, check=True, *extra):
 
 
 @pytest.fixture(scope="module")
-def full_data(tmp_path_factory):
-    """A working directory holding the full-data .npz (the published runs' data, checked by md5)."""
-    work = tmp_path_factory.mktemp("verify")
-    snakemake("results/data/cifar10.npz", "--directory", str(work), "--cores", "2", "--config", f"data_source={require_mirror()}")
-    return work
-
-
-@pytest.fixture(scope="module")
 def ci_selection(full_data):
     verify(full_data, PUBLISHED, CI_SELECTION, 1)
     return {run: json.loads((full_data / "results" / "verify" / run.replace("_seed", "/seed_") / "epochs_1.json").read_text())
@@ -90,9 +82,13 @@ def test_recorded_checks_clear_the_mark_of_the_runs_they_verified(ci_selection, 
 
     study = tmp_path / "study"
     shutil.copytree(PUBLISHED, study)
-    for path in (study / "metrics").glob("*.json"):
+    for path in (study / "metrics").glob("*.json"):  # undo the published checks: as trained
         metrics = json.loads(path.read_text())
         metrics["provenance"].pop("verified", None)
+        for stage in ("training", "evaluation"):
+            block = metrics["provenance"][stage]
+            block.update(block.pop("original", {}))
+            block.pop("attributed", None)
         path.write_text(json.dumps(metrics))
     checks = []
     for run, check in ci_selection.items():
@@ -102,16 +98,28 @@ def test_recorded_checks_clear_the_mark_of_the_runs_they_verified(ci_selection, 
             verify_published.record(str(study), [str(path)])
         path.write_text(json.dumps({**check, "dirty": False}))  # as from a clean checkout (CI's clone)
         checks.append(str(path))
-    verify_published.record(str(study), checks)
+    # A check of two epochs (its record shaped as the job writes it) also re-attributes the run.
+    two = tmp_path / "model_10_seed1.json"
+    two.write_text(json.dumps({**ci_selection["model_09_seed0"], "model": "model_10", "seed": 1, "epochs": "1-2", "dirty": False}))
+    original = json.loads((study / "metrics" / "model_10_seed1.json").read_text())["provenance"]["training"]
+    verify_published.record(str(study), [*checks, str(two)])
     publish.refresh(str(study))
 
-    prov = pd.read_csv(study / "tables" / "provenance.csv").set_index(["Model", "Seed"])
+    commit = ci_selection["model_09_seed0"]["commit"]
+    prov = pd.read_csv(study / "tables" / "provenance.csv", keep_default_na=False).set_index(["Model", "Seed"])
     assert prov.loc[("model_09", 0), "Code now"] == "verified" and prov.loc[("model_17", 0), "Code now"] == "verified"
-    assert ci_selection["model_09_seed0"]["commit"][:12] in prov.loc[("model_09", 0), "Verified at commit"]
-    unchecked = prov.drop(index=[("model_09", 0), ("model_17", 0)])
+    assert commit[:12] in prov.loc[("model_09", 0), "Verified at commit"]
+    assert prov.loc[("model_09", 0), "Reproduced at commit"] == "", "one epoch compared: recorded, not re-attributed"
+    attributed = json.loads((study / "metrics" / "model_10_seed1.json").read_text())["provenance"]["training"]
+    assert attributed["git_commit"] == commit and attributed["original"]["git_commit"] == original["git_commit"]
+    assert attributed["original"]["code_hash"] == original["code_hash"]
+    assert prov.loc[("model_10", 1), "Reproduced at commit"] == commit[:12]
+    assert prov.loc[("model_10", 1), "Trained at commit"] == original["git_commit"][:12]
+    assert prov.loc[("model_10", 1), "Code now"] == "verified"
+    unchecked = prov.drop(index=[("model_09", 0), ("model_17", 0), ("model_10", 1)])
     assert (unchecked["Code now"] == "differs †").all(), unchecked["Code now"].to_dict()
     table1 = pd.read_csv(study / "tables" / "table1.csv").set_index("model")["trained_by_other_code"]
     assert not table1["model_09"] and table1["model_17"], "model_17's seeds 1 and 2 are unchecked"
     assert table1.drop(index=["model_09"]).all()
     page = (study / "README.md").read_text()
-    assert f"commit {ci_selection['model_09_seed0']['commit'][:12]} (2 of 19 runs: epochs 1-1)" in page
+    assert f"commit {commit[:12]} (2 of 19 runs: epochs 1-1, 1 of 19 runs: epochs 1-2)" in page

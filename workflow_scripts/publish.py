@@ -160,7 +160,8 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
     """The results page, written for a reader of the study."""
     metrics = [read_json(out / "metrics" / f"{m}_seed{s}.json") for m, s, _ in runs]
     trained = [m["provenance"].get("training", {}) for m in metrics]
-    commits = sorted({(t.get("git_commit") or "unknown")[:12] + ("-dirty" if t.get("git_dirty") else "") for t in trained})
+    originals = [t.get("original") or t for t in trained]  # as trained, before any re-attribution
+    commits = sorted({(t.get("git_commit") or "unknown")[:12] + ("-dirty" if t.get("git_dirty") else "") for t in originals})
     device = metrics[0]["provenance"].get("device", {}) if metrics else {}
     threads = sorted({(m["provenance"].get("threads") or {}).get("intra_op") for m in metrics} - {None})
     seconds = sum(m["train_seconds"] for m in metrics)

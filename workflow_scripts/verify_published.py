@@ -140,9 +140,25 @@ def main(published: str, model: str, seed: int, spec: str, data: str, manifest: 
     return result
 
 
+def compared_epochs(check: dict) -> int | None:
+    """The epochs a check compared (None: the whole run, and its evaluation)."""
+    return None if check["epochs"].startswith("all") else int(check["epochs"].split("-")[1])
+
+
+def attribute(record: dict, stage: str, check: dict) -> None:
+    """Re-attribute ``stage``'s provenance ("training" or "evaluation") to the check's commit, whose
+    code reproduces the run; the original commit and code hash stay, as "original"."""
+    block = record.setdefault(stage, {})
+    block.setdefault("original", {k: block.get(k) for k in ("git_commit", "git_dirty", "code_hash")})
+    block.update(git_commit=check["commit"], git_dirty=False, code_hash=check["code_hashes"][stage],
+                 attributed=f"verify_published {check['date']}: epochs {check['epochs']} retrained, identical")  # fmt: skip
+
+
 def record(published: str, checks: list[str]) -> list[str]:
     """Add each identical check to its run's published provenance (``verified``), once per commit
-    and epochs; a check made from uncommitted code cannot be cited and is refused."""
+    and epochs; a check made from uncommitted code cannot be cited and is refused. A check of two
+    epochs or more (the per-epoch reseeding exercised) re-attributes the training provenance to its
+    commit; a whole-run check, the evaluation's too."""
     written = []
     for path in checks:
         check = read_json(path)
@@ -155,6 +171,11 @@ def record(published: str, checks: list[str]) -> list[str]:
         entry = {k: check[k] for k in ("commit", "date", "epochs", "code_hashes", "spec_hash", "threads", "precision", "machine")}
         kept = [v for v in metrics["provenance"].get("verified", []) if (v["commit"], v["epochs"]) != (entry["commit"], entry["epochs"])]
         metrics["provenance"]["verified"] = [*kept, entry]
+        epochs = compared_epochs(check)
+        if epochs is None or epochs >= 2:
+            attribute(metrics["provenance"], "training", check)
+        if epochs is None:
+            attribute(metrics["provenance"], "evaluation", check)
         write_json(target, metrics)
         written.append(str(target))
         log.info("%s seed %s: verified at %s (%s)", check["model"], check["seed"], check["commit"][:12], check["epochs"])

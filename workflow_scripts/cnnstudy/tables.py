@@ -91,7 +91,7 @@ def code_status(record: dict, stage: str, current: str) -> str:
     "same" (it hashes the same), "verified" (it differs, but verify_published checked the result
     with code that hashes as ``current``) or "differs"."""
     if (record.get(stage) or {}).get("code_hash") == current:
-        return "same"
+        return "verified" if (record.get(stage) or {}).get("original") else "same"
     if any((v.get("code_hashes") or {}).get(stage) == current for v in record.get("verified") or []):
         return "verified"
     return "differs"
@@ -392,6 +392,10 @@ def compare_table(inputs: Inputs):
 # ---- provenance and benchmarks -----------------------------------------------------------------------
 
 
+def _commit(block: dict) -> str:
+    return (block.get("git_commit") or "")[:12] + ("-dirty" if block.get("git_dirty") else "")
+
+
 def provenance_table(inputs: Inputs):
     rows = []
     for _, run in inputs.runs.iterrows():
@@ -405,19 +409,22 @@ def provenance_table(inputs: Inputs):
             "Precision": p.get("precision"), "Threads": (p.get("threads") or {}).get("intra_op"),
             "TensorFlow": packages.get("tensorflow"), "Keras": packages.get("keras"), "NumPy": packages.get("numpy"),
             "Config hash": p.get("spec_hash"), "Data md5": (p.get("data") or {}).get("npz_md5"),
-            "Trained at commit": (trained.get("git_commit") or "")[:12] + ("-dirty" if trained.get("git_dirty") else ""),
-            "Training code": trained.get("code_hash"), "Code now": run["training_code"] + (f" {STALE}" if run["stale"] else ""),
+            "Trained at commit": _commit(trained.get("original") or trained),
+            "Training code": (trained.get("original") or trained).get("code_hash"),
+            "Reproduced at commit": _commit(trained) if trained.get("original") else "",
+            "Code now": run["training_code"] + (f" {STALE}" if run["stale"] else ""),
             "Evaluation code now": run["evaluation_code"],
             "Verified at commit": ", ".join(f"{v['commit'][:12]} ({v['date']}, {v['epochs']})" for v in p.get("verified") or []),
         })  # fmt: skip
     numeric = pd.DataFrame(rows)
-    note = ("One row per model and seed, from its metrics file. Training code: hash of the train script and "
-            "every workflow module it imports, when the model was trained; Code now: same (the current "
-            "training code hashes the same), verified (it differs, but make verify-published retrained the "
-            "run's first epochs with code that hashes as the current code and found every history value "
-            "equal: Verified at commit, with the date and the epochs compared) or differs "
+    note = ("One row per model and seed, from its metrics file. Trained at commit, Training code: the checkout "
+            "that trained the run and the hash of its train script and every workflow module that imports, "
+            "as recorded then. Reproduced at commit: a commit whose code make verify-published found to "
+            "reproduce the run (two epochs or more retrained, every history value equal), to which the run "
+            "is attributed. Code now: same (the current training code hashes as the run's), verified (as "
+            "a checked commit's: Verified at commit, with the date and the epochs compared) or differs "
             f"{STALE} (neither: verify or rerun it). Evaluation code now: the same for the code that "
-            "evaluated the run. A run verified at a commit can be reproduced from a checkout of it.")  # fmt: skip
+            "evaluated the run.")  # fmt: skip
     return numeric, [Column(c, c) for c in numeric.columns], note
 
 
