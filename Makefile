@@ -1,7 +1,6 @@
 # The two commands for a fresh machine with Python 3.11 (see README.md):
 #   make run    create .venv and run the whole study
-#   make test   create .venv and run the test suite (what CI runs, via .ci/run), in two
-#               workers (TEST_WORKERS=0: one process)
+#   make test   create .venv and run the test suite (what CI runs, via .ci/run)
 #   make verify-published   retrain the published runs' first epochs and compare (after any change
 #                           to training code): RUNS=model_09_seed0,model_17_seed0 EPOCHS=2 (0: whole
 #                           runs and their evaluation); RECORD=1 adds the checks to reports/study
@@ -14,7 +13,6 @@ DATA ?=
 RESULTS ?= results
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2
 GPU ?=
 RUNS ?=
 EPOCHS ?= 2
@@ -43,7 +41,7 @@ run: setup
 	snakemake $(DATA_ARG) $(SNAKEMAKE_ARGS)
 
 test: setup
-	python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	python -m pytest $(PYTEST_ARGS)
 
 # Publish a (finished or running) study run's small outputs into reports/study/, for git.
 publish: setup

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import os
@@ -124,54 +123,33 @@ def copy_workdir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def once_for_all_workers(tmp_path_factory, worker_id: str, name: str, make) -> Path:
-    """``make(path)`` run once for the whole session, however many pytest-xdist workers share it
-    (`make test` runs two): the first worker to ask makes it under a file lock, the others wait and
-    reuse it (or, if it failed or skipped there, try again). For fixtures whose users only read or
-    copy the result."""
-    base = tmp_path_factory.getbasetemp()
-    root = base if worker_id == "master" else base.parent  # xdist: <session temp>/popen-gw<N>
-    path, done = root / name, root / f"{name}.done"
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir()
-            make(path)
-            done.touch()
-    return path
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A working directory with the tiny preset's data stage done (download, preprocess), made once:
+    a run started from a copy (copy_workdir keeps the files' times and Snakemake's records) plans
+    neither again."""
+    work = tmp_path_factory.mktemp("tiny_prepared")
+    snakemake("results/tiny/data/cifar10.npz", "--directory", str(work), "--configfile", TINY,
+              "--config", f"data_source={require_mirror()}", "--cores", "2")  # fmt: skip
+    return work
 
 
 @pytest.fixture(scope="session")
-def tiny_prepared(tmp_path_factory, worker_id) -> Path:
-    """A working directory with the tiny preset's data stage done (download, preprocess), made once
-    for all workers: a run started from a copy (copy_workdir keeps the files' times and Snakemake's
-    records) plans neither again."""
-
-    def make(work: Path) -> None:
-        snakemake("results/tiny/data/cifar10.npz", "--directory", str(work), "--configfile", TINY,
-                  "--config", f"data_source={require_mirror()}", "--cores", "2")  # fmt: skip
-
-    return once_for_all_workers(tmp_path_factory, worker_id, "tiny_prepared", make)
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, worker_id, fake_archive) -> Path:
-    """A small preprocessed npz (made once for all workers): real CIFAR-10 images when the mirror
-    is there, else test-built ones."""
+def tiny_data(tmp_path_factory, fake_archive) -> Path:
+    """A small preprocessed npz: real CIFAR-10 images when the mirror is there, else test-built ones."""
     import download
     import preprocess
 
-    def make(root: Path) -> None:
-        if MIRROR.is_file():
-            download.main(str(MIRROR), str(root / "raw"))
-        else:
-            archive, md5 = fake_archive
-            download.main(str(archive), str(root / "raw"), md5=md5)
-        preprocess.main(str(root / "raw"), str(root / "tiny.npz"), str(root / "tiny.json"),
-                        subset_train=400, subset_val=100, subset_test=200)  # fmt: skip
-
-    return once_for_all_workers(tmp_path_factory, worker_id, "tiny_data", make) / "tiny.npz"
+    root = tmp_path_factory.mktemp("tiny_data")
+    if MIRROR.is_file():
+        download.main(str(MIRROR), str(root / "raw"))
+    else:
+        archive, md5 = fake_archive
+        download.main(str(archive), str(root / "raw"), md5=md5)
+    preprocess.main(
+        str(root / "raw"), str(root / "tiny.npz"), str(root / "tiny.json"), subset_train=400, subset_val=100, subset_test=200
+    )
+    return root / "tiny.npz"
 
 
 @pytest.fixture(scope="session")
@@ -243,18 +221,3 @@ def wait_for_epoch(state_dir: Path, epoch: int, proc, timeout: float) -> None:
         if saved_epoch(state_dir) >= epoch:
             return
         time.sleep(0.02)
-
-
-# `make test` runs two pytest-xdist workers with --dist loadgroup: the tests that share a
-# session fixture's working directory (tiny_run, the daemons' sweep run, full_data) are one group
-# each, run by one worker; the groups are scheduled first, longest first, and the rest fill in.
-HEAVY_GROUPS = ("tiny_run", "daemons", "full_data")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        mark = item.get_closest_marker("xdist_group")
-        group = mark.args[0] if mark and mark.args else None
-        return HEAVY_GROUPS.index(group) if group in HEAVY_GROUPS else len(HEAVY_GROUPS)
-
-    items.sort(key=rank)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import signal
 import subprocess
@@ -12,22 +10,11 @@ from pathlib import Path
 
 
 _APT_UPDATED = []
-APT_LOCK = Path("/tmp/cnnstudy-tests-apt.lock")
-
-
-@contextlib.contextmanager
-def apt_lock():
-    """One apt-get at a time across the test workers (`make test` runs two): Chromium, SLURM and
-    Grid Engine may be installed at once otherwise, and apt-get fails on a held lock."""
-    with open(APT_LOCK, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
 
 
 def apt_update(env: dict | None = None) -> None:
-    """`apt-get update`, once per test worker (Chromium, SLURM and Grid Engine each need a
-    package on a fresh CI machine; the lists fetched for the first serve the others). Call it
-    holding apt_lock()."""
+    """`apt-get update`, once per test session (Chromium, SLURM and Grid Engine each need a
+    package on a fresh CI machine; the lists fetched for the first serve the others)."""
     if _APT_UPDATED:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", **(env or {})}

@@ -27,7 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from daemons import Daemons, apt_lock, apt_update
+from daemons import Daemons, apt_update
 
 PACKAGES = ["gridengine-master", "gridengine-exec", "gridengine-client"]
 # Declared, not real: room for the profile's own job sizes (8 threads per training job) on
@@ -73,18 +73,17 @@ def install() -> None:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
-    with apt_lock():
-        run("debconf-set-selections", stdin=answers, timeout=60)
-        own_policy = not POLICY_RC.exists()
+    run("debconf-set-selections", stdin=answers, timeout=60)
+    own_policy = not POLICY_RC.exists()
+    if own_policy:
+        POLICY_RC.write_text("#!/bin/sh\n# written by tests/gridengine_cluster.py during apt-get install\nexit 101\n")
+        POLICY_RC.chmod(0o755)
+    try:
+        apt_update(env)
+        run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES, timeout=900)
+    finally:
         if own_policy:
-            POLICY_RC.write_text("#!/bin/sh\n# written by tests/gridengine_cluster.py during apt-get install\nexit 101\n")
-            POLICY_RC.chmod(0o755)
-        try:
-            apt_update(env)
-            run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES, timeout=900)
-        finally:
-            if own_policy:
-                POLICY_RC.unlink(missing_ok=True)
+            POLICY_RC.unlink(missing_ok=True)
     if not _installed():
         raise RuntimeError(f"apt-get installed {PACKAGES} but Grid Engine's programs are still missing")
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemons import Daemons, apt_lock, apt_update
+from daemons import Daemons, apt_update
 
 PACKAGES = ["slurm-wlm", "munge", "slurmdbd", "mariadb-server", "slurm-client"]
 # Declared, not real (SlurmdParameters=config_overrides): room for the profile's own job
@@ -46,9 +46,8 @@ def install() -> None:
     if all(shutil.which(cmd) or Path(f"/usr/sbin/{cmd}").exists() for cmd in needed):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with apt_lock():
-        apt_update(env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True, timeout=900)
+    apt_update(env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True, timeout=900)
 
 
 class Cluster(Daemons):

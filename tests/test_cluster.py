@@ -17,8 +17,6 @@ from conftest import BIN, REPO, SWEEP_POINTS, TINY, copy_workdir, require_mirror
 from slurm_cluster import ACCOUNT, PARTITION, Cluster, install
 from test_workflow_static import _jobs
 
-pytestmark = pytest.mark.xdist_group("daemons")  # make test: one worker runs the group (conftest.py)
-
 SLURM_PROFILE = str(REPO / "profiles" / "slurm")
 
 

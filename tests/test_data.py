@@ -13,8 +13,6 @@ from cnnstudy.errors import JobError
 
 from conftest import CLASS_NAMES, make_cifar_archive, require_mirror
 
-pytestmark = pytest.mark.xdist_group("full_data")  # make test: one worker runs the group (conftest.py)
-
 
 def _leftovers(root):
     """Everything under ``root``: after a failure there must be nothing (no staging dirs)."""

@@ -18,8 +18,6 @@ from conftest import BIN, REPO, TINY, copy_workdir, missing, require_mirror, sav
 from gridengine_cluster import GPU_COMPLEX, PE, QUEUE, Cluster, install
 from test_workflow_static import _jobs
 
-pytestmark = pytest.mark.xdist_group("daemons")  # make test: one worker runs the group (conftest.py)
-
 GE_PROFILE = REPO / "profiles" / "gridengine"
 SUBMIT = GE_PROFILE / "submit.py"
 STATUS = GE_PROFILE / "status.py"

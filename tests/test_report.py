@@ -19,10 +19,10 @@ from cnnstudy import models as _registers_custom_layers  # noqa: F401
 from cnnstudy.errors import JobError
 
 from conftest import SCRIPTS, TINY, TWO_AT_ONCE, snakemake
-from daemons import apt_lock, apt_update
+from daemons import apt_update
 from test_workflow_static import _jobs
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]  # make test: one worker runs the group (conftest.py)
+pytestmark = pytest.mark.slow
 
 
 def chromium() -> str:
@@ -33,9 +33,8 @@ def chromium() -> str:
     if os.geteuid() != 0:
         pytest.fail("headless Chromium is needed: apt-get install chromium")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with apt_lock():
-        apt_update(env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900, env=env, capture_output=True)
+    apt_update(env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900, env=env, capture_output=True)
     return shutil.which("chromium")
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import BIN, SCRIPTS, SWEEP_POINTS, snakemake
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("daemons")]  # make test: one worker runs the group (conftest.py)
+pytestmark = pytest.mark.slow
 
 POINTS = SWEEP_POINTS
 

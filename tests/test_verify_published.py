@@ -18,8 +18,6 @@ import pytest
 
 from conftest import REPO, require_mirror, snakemake
 
-pytestmark = pytest.mark.xdist_group("full_data")  # make test: one worker runs the group (conftest.py)
-
 PUBLISHED = REPO / "reports" / "study"
 CI_SELECTION = ["model_09_seed0", "model_17_seed0"]
 

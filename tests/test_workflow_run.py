@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY, snakemake
 from test_workflow_static import _jobs
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]  # make test: one worker runs the group (conftest.py)
+pytestmark = pytest.mark.slow
 
 
 def _table(run, number):
