@@ -49,9 +49,10 @@ publish: setup
 
 # One job per run, each with the thread count and precision its provenance records; a run that
 # differs fails the command with its run, epoch and column (the job's log is shown).
+# The published runs are config.yaml's entries and the refit and study entries of presets/protocols.yaml.
 verify-published: setup
-	snakemake verify_published --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS) \
-	    --config $(DATA_ITEM) results_dir=$(RESULTS) 'verify={runs: [$(RUNS)], epochs: $(EPOCHS)}'
+	snakemake verify_published --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS) --configfile presets/protocols.yaml \
+	    --config $(DATA_ITEM) results_dir=$(RESULTS) run_models=null 'verify={runs: [$(RUNS)], epochs: $(EPOCHS)}'
 	$(if $(RECORD),python workflow_scripts/verify_published.py record --published reports/study \
 	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python workflow_scripts/publish.py --refresh reports/study)
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
-from cnnstudy import cifar, configuration, provenance, tables
+from cnnstudy import cifar, configuration, protocols, provenance, tables
 from snakemake.logging import logger
 
 # Validates config.yaml (plus --config/--configfile overrides) against the schema, fills
@@ -92,6 +92,40 @@ def weights_input(wildcards):
     return weights
 
 
+def refit_epochs_from(wildcards):
+    """A refit job's epoch count: its holdout run's metrics. The published file, where it was
+    trained or verified with the refit's holdout spec (so published runs are not retrained);
+    else the holdout run's, trained and evaluated in this results directory."""
+    entry = MODELS[wildcards.model]
+    if protocols.of(entry) != "refit":
+        return []
+    holdout = protocols.holdout_spec(configuration.training_part(entry))
+    name, seed = holdout["name"], wildcards.seed
+    published = Path(config["refit_epochs_from"]) / f"{name}_seed{seed}.json"
+    spec_hash = configuration.spec_hash(holdout)
+    if published.is_file() and protocols.vouches(
+        json.loads(published.read_text()), spec_hash
+    ):
+        return str(published)
+    if name not in MODELS or int(seed) not in MODELS[name]["seeds"]:
+        raise ValueError(
+            f"{wildcards.model} seed {seed} refits {name} seed {seed}, whose metrics are neither in "
+            f"{config['refit_epochs_from']} (trained with this spec, {spec_hash}) nor planned in this run: "
+            f"add {name} with seed {seed} to the run (run_models, seeds)"
+        )
+    return rules.evaluate.output.metrics.format(model=name, seed=seed)
+
+
+def train_options(wildcards, input):
+    """The train job's optional flags: ImageNet weights, a refit's epoch count."""
+    options = []
+    if configuration.weights_source(MODELS[wildcards.model]) == "imagenet":
+        options.append(f"--weights-manifest {input.weights}")
+    if input.epochs_from:
+        options.append(f"--epochs-from {input.epochs_from}")
+    return " ".join(options)
+
+
 def all_weights_manifests():
     return sorted(
         {
@@ -130,7 +164,8 @@ def published_runs():
     unknown = [m for m, _ in found if m not in MODELS]
     if unknown:
         raise ValueError(
-            f"verify: {', '.join(unknown)} not in this config's models (run_models?)"
+            f"verify: {', '.join(unknown)} not in this config's models (run_models? the refit and study "
+            "runs are presets/protocols.yaml's: make verify-published loads it)"
         )
     return found
 

@@ -36,11 +36,11 @@ rule report:
                 category="Tables",
                 labels={"table": table.title},
             )
-            for table in tables.REGISTRY
+            for table in tables.wanted(MODELS)
         ],
         expand(
             f"{REPORTS}/{{name}}.{{fmt}}",
-            name=[table.name for table in tables.REGISTRY],
+            name=[table.name for table in tables.wanted(MODELS)],
             fmt=("md", "csv", "tex"),
         ),
     log:

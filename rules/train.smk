@@ -57,6 +57,7 @@ rule train:
         data=rules.preprocess.output.npz,
         spec=rules.spec.output[0],
         weights=weights_input,
+        epochs_from=refit_epochs_from,  # a refit's holdout run's metrics (its kept epoch)
     output:
         model=f"{RESULTS}/models/{{model}}/seed_{{seed}}/model.keras",
         history=f"{RESULTS}/models/{{model}}/seed_{{seed}}/history.csv",
@@ -77,11 +78,9 @@ rule train:
         state_dir=lambda wildcards: f"{RESULTS}/train_state/{wildcards.model}/seed_{wildcards.seed}",
         precision=config["precision"],
         device=f"--require-gpu {config['require_gpu']} --deterministic-ops {str(config['deterministic_ops']).lower()}",
-        weights=lambda wildcards, input: (
-            f"--weights-manifest {input.weights}"
-            if configuration.weights_source(MODELS[wildcards.model]) == "imagenet"
-            else ""
-        ),
+        # Optional flags: ImageNet weights, a refit's epoch count. Still named `weights`: the
+        # shell text below is Snakemake's code trigger, and a new name would rerun every run.
+        weights=train_options,
         script=script("train.py"),
     shell:
         "python {params.script} --data {input.data:q} --spec {input.spec:q}"

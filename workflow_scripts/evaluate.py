@@ -7,6 +7,9 @@ that give the accuracy, macro and weighted F1; for the test set also per-class
 precision/recall/F1/support and the confusion matrix. The training history's numbers at the
 kept epoch, the training summary and provenance (training and evaluation) are joined in. The
 test-set probabilities are kept as .npz for later analysis (paired tests between models).
+A refit or study run (cnnstudy.protocols) trained on the validation split's images: it is
+evaluated on the test set alone, its "val" is null, and "protocol" says how it was trained
+(a study run's is marked test_selected: the test set chose its epochs).
 
     python workflow_scripts/evaluate.py --data results/data/cifar10.npz --manifest results/data/cifar10.json \\
         --model model.keras --history history.csv --train-info train_info.json \\
@@ -90,8 +93,11 @@ def main(
     info = read_json(train_info)
     runtime.set_precision(info["precision"])
     net = keras.saving.load_model(model, compile=False, safe_mode=True)  # no arbitrary code from the file
+    protocol = info.get("protocol") or {"name": "holdout"}  # runs from before protocols: holdout
+    # Refit and study runs trained on the validation split's images: no validation metrics.
+    evaluated = ("val", "test") if protocol["name"] == "holdout" else ("test",)
     with np.load(data) as arrays:
-        splits = {split: (arrays[f"x_{split}"], arrays[f"labels_{split}"]) for split in ("val", "test")}
+        splits = {split: (arrays[f"x_{split}"], arrays[f"labels_{split}"]) for split in evaluated}
         class_names = [str(c) for c in arrays["class_names"]]
 
     results, seconds = {}, 0.0
@@ -112,7 +118,8 @@ def main(
         "model": info["model"],
         "seed": info["seed"],
         "test": results["test"],
-        "val": results["val"],
+        "val": results.get("val"),  # None: the run trained on the validation images (refit, study)
+        "protocol": protocol,
         "kept_epoch": {"epoch": kept, **history_row(hist, kept)},
         "last_epoch": {"epoch": last, **history_row(hist, last)},
         "epochs_run": int(len(hist)),
@@ -124,7 +131,8 @@ def main(
         "layers": len(net.layers),
         "tta": tta,
         "eval_images_per_s": sum(len(x) for x, _ in splits.values()) * predict.TTA_VIEWS[tta] / seconds,
-        "n_val": int(len(splits["val"][1])),
+        "n_train": info["n_train"],
+        "n_val": int(len(splits["val"][1])) if "val" in splits else 0,
         "n_test": int(len(test_labels)),
         "provenance": {
             "seed": info["seed"],
@@ -146,9 +154,10 @@ def main(
         np.savez(fh, probs=test_probs.astype(np.float32), labels=test_labels, class_names=np.array(class_names))
     write_json(metrics_out, result)
     log.info(
-        "%s seed %d: test accuracy %.4f, loss %.4f, macro F1 %.4f; validation accuracy %.4f (%.0f img/s)",
-        result["model"], result["seed"], results["test"]["accuracy"], results["test"]["loss"],
-        results["test"]["f1_macro"], results["val"]["accuracy"], result["eval_images_per_s"],
+        "%s seed %d (%s): test accuracy %.4f, loss %.4f, macro F1 %.4f; validation accuracy %s (%.0f img/s)%s",
+        result["model"], result["seed"], protocol["name"], results["test"]["accuracy"], results["test"]["loss"],
+        results["test"]["f1_macro"], f"{results['val']['accuracy']:.4f}" if "val" in results else "none",
+        result["eval_images_per_s"], "; test-selected: its epochs were chosen on the test set" if protocol.get("test_selected") else "",
     )  # fmt: skip
     return result
 

@@ -34,14 +34,15 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def learning_curve(history: pd.DataFrame, title: str, path: Path, kept_epoch: int | None = None) -> None:
+def learning_curve(history: pd.DataFrame, title: str, path: Path, kept_epoch: int | None = None, validation: str = "validation") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), gridspec_kw={"wspace": 0.3})
     # Cross-entropy without label smoothing where recorded: train and validation measured alike.
     loss = "cross_entropy" if "cross_entropy" in history else "loss"
     for ax, metric in zip(axes, (loss, "accuracy")):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.plot(history["epoch"], history[metric], marker=".", label="train")
-        ax.plot(history["epoch"], history[f"val_{metric}"], marker=".", label="validation")
+        if f"val_{metric}" in history:  # a refit has no validation; a study run's is the test set
+            ax.plot(history["epoch"], history[f"val_{metric}"], marker=".", label=validation)
         if kept_epoch is not None:
             ax.axvline(kept_epoch, color="grey", linestyle=":", label=f"kept epoch {kept_epoch}")
         if "phase" in history and history["phase"].nunique() > 1:
@@ -83,7 +84,8 @@ def overlay(histories: dict[str, pd.DataFrame], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    if histories:
+        axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle("Table 1 models: validation curves (first seed)")
     _save(fig, path)
 
@@ -91,7 +93,7 @@ def overlay(histories: dict[str, pd.DataFrame], path: Path) -> None:
 def ladder(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
     """The whole ladder at a glance: the study's validation accuracy per rung beside ours
     (validation and test, mean over seeds)."""
-    names = [n for n in info if info[n]["table"] == 1 and not info[n].get("sweep") and n in metrics]
+    names = [n for n in info if info[n]["table"] == 1 and configuration.in_study_tables(info[n]) and n in metrics]
     x = np.arange(len(names))
     study = [(info[n].get("published") or {}).get("val_accuracy") or np.nan for n in names]
     ours = {split: [np.mean([m[split]["accuracy"] for m in metrics[n]]) for n in names] for split in ("val", "test")}
@@ -141,7 +143,7 @@ def sweeps(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
     per sweep, one line per combination of its other settings."""
     by_sweep: dict[str, list[str]] = {}
     for name, entry in info.items():
-        if entry.get("sweep") and name in metrics:
+        if configuration.in_sweep_table(entry) and name in metrics:
             by_sweep.setdefault(entry["sweep"], []).append(name)
     if not by_sweep:
         fig = plt.figure(figsize=(4, 1))
@@ -189,6 +191,18 @@ def f1_heatmap(f1: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def run_figures(m: dict, history: pd.DataFrame, entry: dict, out: Path) -> list[Path]:
+    """One run's learning curve (curves/) and confusion matrix (confusion/) under ``out``."""
+    name, seed = m["model"], m["seed"]
+    curve, matrix = out / "curves" / f"{name}_seed{seed}.png", out / "confusion" / f"{name}_seed{seed}.png"
+    test_selected = (m.get("protocol") or {}).get("test_selected")
+    learning_curve(history, f"{name} (seed {seed}): {entry.get('note', '')}", curve, m["kept_epoch"]["epoch"],
+                   "test (study protocol)" if test_selected else "validation")  # fmt: skip
+    names = list(m["test"]["per_class"])
+    confusion(np.array(m["test"]["confusion_matrix"]), names, f"{name} (seed {seed}), test accuracy {m['test']['accuracy']:.3f}", matrix)  # fmt: skip
+    return [curve, matrix]
+
+
 def main(models: str, metrics: list[str], histories: list[str], outdir: str, steps: str | None = None) -> list[Path]:
     info = configuration.complete(read_json(models))
     out = Path(outdir)
@@ -200,18 +214,11 @@ def main(models: str, metrics: list[str], histories: list[str], outdir: str, ste
         by_run[(m["model"], m["seed"])] = (m, pd.read_csv(history_path))
     written = []
     for (name, seed), (m, history) in by_run.items():
-        label = f"{name} (seed {seed}): {info[name].get('note', '')}"
-        path = out / "curves" / f"{name}_seed{seed}.png"
-        learning_curve(history, label, path, m["kept_epoch"]["epoch"])
-        written.append(path)
-        path = out / "confusion" / f"{name}_seed{seed}.png"
-        names = list(m["test"]["per_class"])
-        confusion(np.array(m["test"]["confusion_matrix"]), names, f"{name} (seed {seed}), test accuracy {m['test']['accuracy']:.3f}", path)  # fmt: skip
-        written.append(path)
+        written += run_figures(m, history, info[name], out)
 
     order = [n for n in info if any(n == k[0] for k in by_run)]
     first_seed = {n: min(s for (m, s) in by_run if m == n) for n in order}
-    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n]["table"] == 1 and not info[n].get("sweep")}
+    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n]["table"] == 1 and configuration.in_study_tables(info[n])}
     overlay(table1, out / "ladder_overlay.png")
     ladder(info, {n: [m for (k, _), (m, _) in by_run.items() if k == n] for n in order}, out / "ladder_accuracy.png")
     f1 = pd.DataFrame(

@@ -15,11 +15,19 @@ and the page says how far it got) it writes, and never trains or evaluates anyth
 
 Trained models, test-set probabilities and data stay out (they are large or derived data).
 
-    python workflow_scripts/publish.py --refresh reports/study
+    python workflow_scripts/publish.py --refresh --out reports/study
 
 rewrites, from the folder alone (the results directories may be gone), what depends on the runs'
-provenance and the current code: Table 1 (its † marks), the provenance table and the page; after
-``verify_published.py record`` has added checks to the metrics files.
+provenance and the current code: Table 1 (its † marks), the provenance table, the protocols
+table and the page; after ``verify_published.py record`` has added checks to the metrics files.
+
+    python workflow_scripts/publish.py --add --results /path/to/protocol/results --out reports/study
+
+adds the runs of entries not yet published (refit and study runs, a new rung) to the folder:
+their metrics, histories, learning curves and confusion matrices, their entries to models.json;
+then refreshes it. Tables 3 and 4 are left as they are (Table 4 needs the test-set probabilities
+of every run, which are not published).
+
 The entries are described as they were trained: each from the specs/models.json of the results
 directory its runs are in (a later rung run from a newer checkout, in a directory of its own, is
 published beside the study's run without touching it); models.json is the merged description.
@@ -38,7 +46,7 @@ import pandas as pd
 
 import plots
 import report
-from cnnstudy import cli, configuration, tables
+from cnnstudy import cli, configuration, protocols, tables
 from cnnstudy.errors import JobError
 from cnnstudy.files import atomic_path, read_json, write_json
 
@@ -46,9 +54,9 @@ log = logging.getLogger("cnnstudy.publish")
 
 # Table 2 (transfer learning) cannot be rerun without ImageNet weights; per-job benchmarks are
 # that machine's timings, not results.
-PUBLISHED_TABLES = ["table1", "table3", "table4", "provenance"]
+PUBLISHED_TABLES = ["table1", "table3", "table4", "provenance", "protocols"]  # protocols: where refit or study ran
 # What --refresh rewrites: the tables that read the runs' provenance and the current code's hashes.
-REFRESHED_TABLES = ["table1", "provenance"]
+REFRESHED_TABLES = ["table1", "provenance", "protocols"]
 MODELS_FILE = "models.json"
 
 
@@ -156,7 +164,64 @@ def reproduced_by(metrics: list[dict], total: int) -> list[str]:
     return lines
 
 
-def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs: list, expected: int) -> str:
+def _closed(gap: float, other: float) -> str:
+    """How much of the holdout gap another protocol closes, in words."""
+    if gap == 0 or pd.isna(other):
+        return ""
+    return f"closes {(other - gap) / -gap:.0%} of the gap" if gap < 0 else f"moves {other - gap:+.4f} from holdout"
+
+
+def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
+    """Per rung of the protocols table: how much of the gap to the study each protocol closes."""
+    if frame is None or not len(frame):
+        return []
+    several = table1[(table1["n"] > 1) & table1["model"].isin(set(frame["model"]))]
+    scale = several.sort_values("test_accuracy_std", ascending=False).head(1)
+    spread = (f"{scale['model'].iloc[0]}'s seed spread ({scale['test_accuracy_std'].iloc[0]:.3f}, the standard deviation of its "
+              "holdout test accuracy)") if len(scale) else "the seed spread of an entry run with several seeds"  # fmt: skip
+    lines = [
+        "",
+        "## Method or irreproducibility? Three protocols",
+        "",
+        "Two differences of method sit between the study's numbers and ours: it trained on all 50 000 training",
+        "images (we on 45 000, holding 5 000 out), and it chose its settings, by its wording also its stopping",
+        "point, on the test set. The rungs below were also trained under **refit** (all 50 000 images for the",
+        "epoch count the holdout run kept) and under the **study**'s protocol (all 50 000, early-stopped on the",
+        "test set: test-selected, optimistic by construction). [tables/protocols.md](tables/protocols.md) has",
+        "every number; the holdout tables above are unchanged.",
+        "",
+    ]
+    for rung, rows in frame.groupby("model", sort=False):
+        by = {r["protocol"]: r for _, r in rows.iterrows()}
+        hold = by.get("holdout")
+        text = "; ".join(
+            f"{p} {tables.cell(r['test_accuracy_mean'], r['test_accuracy_std'], 4)} (n {int(r['n'])}, {r['epochs_run_mean']:.0f} epochs)"
+            for p, r in by.items()
+        )  # fmt: skip
+        study = rows["study_test_accuracy"].iloc[0]
+        if hold is None:
+            lines.append(f"- **{rung}**: {text}; its holdout runs are not published here.")
+            continue
+        if pd.isna(study):  # a rung beyond the study: refit against holdout
+            deltas = ", ".join(f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}"
+                               for p, r in by.items() if p != "holdout")  # fmt: skip
+            lines.append(f"- **{rung}** (beyond the study): {text}. {deltas}.")
+            continue
+        gap = hold["gap_to_study"]
+        parts = [f"- **{rung}** (study {study:.4f}): {text}. Holdout is {gap:+.4f} from the study"]
+        for p in ("study", "refit"):
+            if p in by:
+                parts.append(f"the study's protocol {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
+                             if p == "study" else f"refit {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})")  # fmt: skip
+        remaining = min((by[p]["gap_to_study"] for p in by if p != "holdout"), key=abs, default=gap)
+        parts.append(f"what remains: {remaining:+.4f}")
+        single = all(int(r["n"]) == 1 for r in by.values())
+        lines.append("; ".join(parts) + "." + (f" One seed per protocol: read these against {spread}." if single else ""))
+    return lines
+
+
+def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs: list, expected: int,
+         protocols_frame: pd.DataFrame | None = None) -> str:  # fmt: skip
     """The results page, written for a reader of the study."""
     metrics = [read_json(out / "metrics" / f"{m}_seed{s}.json") for m, s, _ in runs]
     trained = [m["provenance"].get("training", {}) for m in metrics]
@@ -250,6 +315,7 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "within that spread may change sign with another seed: read its verdict as that seed's, and the Δ of the",
         "means where an entry has several.",
     ]
+    lines += protocol_answers(protocols_frame, table1)
     lines += [
         "",
         "## What differs in method",
@@ -340,17 +406,52 @@ def refresh(out: str, expected: int | None = None) -> dict:
     runs = [(m["model"], m["seed"], None) for m in loaded]
     expected = expected or sum(len(spec["seeds"]) for spec in info.values())
     with atomic_path(out_dir / "README.md") as tmp:
-        tmp.write_text(page(out_dir, info, written["table1"], table4, runs, expected))
+        tmp.write_text(page(out_dir, info, written["table1"], table4, runs, expected, written.get("protocols")))
     log.info("refreshed %s from its %d run(s)", out_dir, len(loaded))
     return written
 
 
-def main(results: list[str] | str | None, out: str, expected: int | None = None, refresh_only: bool = False) -> dict:
+def add(results_dirs: list[Path], out: str) -> dict:
+    """Add the runs of entries new to a published folder (refit and study runs, a new rung), then refresh it."""
+    out_dir = Path(out)
+    if not (out_dir / MODELS_FILE).is_file():
+        raise JobError(f"{out_dir / MODELS_FILE} not found: --add adds to a published folder (publish the study first)")
+    published = read_json(out_dir / MODELS_FILE)
+    entries, runs = merged_entries(results_dirs)
+    if not runs:
+        raise JobError(f"no finished runs under {', '.join(f'{r}/metrics' for r in results_dirs)}: nothing to add")
+    added = list(dict.fromkeys(model for model, *_ in runs))
+    info = configuration.complete({name: entries[name] for name in added})
+    ours = {f.name.rsplit("_seed", 1)[0] for f in (out_dir / "metrics").glob("*_seed*.json")}
+    clash = [name for name in added if name in ours and configuration.in_study_tables(info[name])]
+    if clash:
+        raise JobError(f"{', '.join(clash)} already published in {out_dir}: --add does not replace the study's runs "
+                       "(publish it again with --results for that)")  # fmt: skip
+    for name in added:  # an entry added again (more seeds finished) is replaced as a whole
+        for old in [*(out_dir / "metrics").glob(f"{name}_seed*.json"), *(out_dir / "histories").glob(f"{name}_seed*.csv")]:
+            old.unlink()
+    for sub in ("curves", "confusion"):
+        (out_dir / "figures" / sub).mkdir(parents=True, exist_ok=True)
+    for model, seed, folder, results_dir in runs:
+        history = results_dir / "models" / model / f"seed_{seed}" / "history.csv"
+        shutil.copyfile(history, out_dir / "histories" / f"{model}_seed{seed}.csv")
+        metrics = read_json(folder / "metrics.json")
+        write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", metrics)
+        plots.run_figures(metrics, pd.read_csv(history), info[model], out_dir / "figures")
+    write_json(out_dir / MODELS_FILE, {**published, **{name: entries[name] for name in added}})
+    log.info("added %d run(s) of %s to %s", len(runs), ", ".join(added), out_dir)
+    return refresh(out)
+
+
+def main(results: list[str] | str | None, out: str, expected: int | None = None, refresh_only: bool = False,
+         add_only: bool = False) -> dict:  # fmt: skip
     if refresh_only:
         return refresh(out, expected)
     if not results:
         raise JobError("--results: give the study run's results directory (or --refresh)")
     results_dirs, out_dir = [Path(r) for r in ([results] if isinstance(results, str) else results)], Path(out)
+    if add_only:
+        return add(results_dirs, out)
     entries, runs = merged_entries(results_dirs)
     if not runs:
         raise JobError(f"no finished runs under {', '.join(f'{r}/metrics' for r in results_dirs)}: nothing to publish")
@@ -368,12 +469,12 @@ def main(results: list[str] | str | None, out: str, expected: int | None = None,
     written = report.main(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
                           only=PUBLISHED_TABLES)  # fmt: skip
     plots.main(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
-    if not any(spec.get("sweep") for spec in info.values()):
+    if not any(configuration.in_sweep_table(spec) for spec in info.values()):
         (out_dir / "figures" / "sweeps.png").unlink()  # the workflow's placeholder: a study run has no sweeps
     expected = expected or sum(len(spec["seeds"]) for spec in info.values())
     runs = [(m, s, f) for m, s, f, _ in runs]
     with atomic_path(out_dir / "README.md") as tmp:
-        tmp.write_text(page(out_dir, info, written["table1"], written["table4"], runs, expected))
+        tmp.write_text(page(out_dir, info, written["table1"], written["table4"], runs, expected, written.get("protocols")))
     log.info("published %d run(s) of %s into %s", len(runs), ", ".join(map(str, results_dirs)), out_dir)
     return {"runs": len(runs), **written}
 
@@ -383,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="+", help="the study run's results directory (and others, e.g. a later rung's)")
     p.add_argument("--refresh", dest="refresh_only", action="store_true",
                    help="rewrite Table 1, provenance and the page from --out alone (after verify_published record)")  # fmt: skip
+    p.add_argument("--add", dest="add_only", action="store_true",
+                   help="add the runs of --results whose entries are new to --out (refit and study runs), then refresh")  # fmt: skip
     p.add_argument("--out", default="reports/study", help="the folder to (re)write")
     p.add_argument("--expected", type=int, default=None, help="runs the study has in all (default: every seed of every entry in the run)")
     return p

@@ -101,7 +101,7 @@ def main(
         raise JobError(f"metrics for model(s) not in {models}: {', '.join(unknown)}")
     inputs = tables.Inputs(info, tables.per_run(loaded), loaded, correctness(list(probs)), list(benchmarks), benchmark_root)
     written = {}
-    for table in tables.REGISTRY:
+    for table in tables.wanted(info):
         if only is not None and table.name not in only:
             continue
         numeric, columns, footnote = table.build(inputs)

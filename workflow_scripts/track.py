@@ -58,7 +58,7 @@ def _metrics(m: dict, history: pd.DataFrame, t0: int) -> list:
         for key, value in row.items():
             if key != "epoch" and pd.notna(value):
                 out.append(Metric(key, float(value), t0 + step, step))
-    final = {f"final_{split}_{k}": m[split][k] for split in ("val", "test") for k in ("accuracy", "loss", "f1_macro")}
+    final = {f"final_{split}_{k}": m[split][k] for split in ("val", "test") if m.get(split) for k in ("accuracy", "loss", "f1_macro")}
     final.update({f"final_test_f1_{name}": c["f1-score"] for name, c in m["test"]["per_class"].items()})
     out += [Metric(key, float(value), t0, 0) for key, value in final.items()]
     return out
@@ -74,6 +74,7 @@ def record(client, experiment_id: str, entry: dict, m: dict, history: pd.DataFra
     query = " and ".join(f"tags.{k} = '{v}'" for k, v in identity.items())
     found = client.search_runs([experiment_id], filter_string=query, max_results=2)
     tags = {**identity, "table": str(entry["table"]), "sweep": entry.get("sweep") or "",
+            "protocol": entry.get("protocol", "holdout"),
             "git_commit": trained.get("git_commit") or "", "code_hash": trained.get("code_hash") or "",
             "mlflow.runName": f"{m['model']} seed {m['seed']}"}  # fmt: skip
     started = int(float(trained.get("started") or 0) * 1000) or None  # the run's own times, not the recording's

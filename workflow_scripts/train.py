@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnstudy import checkpoint, cli, configuration, provenance, runtime
+from cnnstudy import checkpoint, cli, configuration, protocols, provenance, runtime
 from cnnstudy.errors import JobError
 from cnnstudy.files import atomic_path, ensure_space, read_json, write_json
 
@@ -56,19 +56,29 @@ def _backbone_weights(spec: dict, manifest: str | None) -> str | None:
     return str(path)
 
 
-def _job(spec: dict, seed: int, precision: str, data: Path) -> dict:
-    """What a resumable state belongs to: another entry, seed, precision or data starts afresh."""
+def _job(spec: dict, seed: int, precision: str, data: Path, refit: dict | None) -> dict:
+    """What a resumable state belongs to: another entry, seed, precision, data or refit epoch
+    count starts afresh."""
     if not data.is_file():
         raise FileNotFoundError(f"training data not found: {data}: run the preprocess rule first")
     stat = data.stat()
-    return {"spec_hash": configuration.spec_hash(spec), "seed": seed, "precision": precision, "data": [stat.st_size, stat.st_mtime_ns]}  # fmt: skip
+    job = {"spec_hash": configuration.spec_hash(spec), "seed": seed, "precision": precision, "data": [stat.st_size, stat.st_mtime_ns]}  # fmt: skip
+    return {**job, "refit_epochs": refit["epochs"]} if refit else job
 
 
-def _arrays(data: Path, with_test: bool):
-    with np.load(data) as arrays:
-        train, val = (arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"])
-        test = (arrays["x_test"], arrays["labels_test"]) if with_test else None
-    return train, val, test
+def _refit(spec: dict, seed: int, epochs_from: str | None) -> dict | None:
+    """A refit's epoch count, from its holdout run's metrics (``epochs_from``); None otherwise."""
+    if protocols.of(spec) != "refit":
+        return None
+    if not epochs_from:
+        raise JobError(f"{spec['name']}: a refit needs --epochs-from, its holdout run's metrics.json")
+    metrics = read_json(epochs_from)
+    holdout = protocols.holdout_spec(spec)
+    if (metrics.get("model"), metrics.get("seed")) != (holdout["name"], seed):
+        raise JobError(f"{epochs_from} is the metrics of {metrics.get('model')} seed {metrics.get('seed')}, "
+                       f"not of {holdout['name']} seed {seed}, the holdout run of this refit")  # fmt: skip
+    epochs = protocols.refit_epochs(metrics, configuration.spec_hash(holdout), epochs_from)
+    return {"epochs": epochs, "epochs_from": str(epochs_from), "holdout_run": f"{holdout['name']} seed {seed}"}
 
 
 def main(
@@ -85,17 +95,23 @@ def main(
     require_gpu: str = "auto",
     deterministic_ops: bool = True,
     stop_after_epoch: int | None = None,
+    epochs_from: str | None = None,
 ) -> dict:
     started = time.time()
     spec = spec if isinstance(spec, dict) else read_json(spec)
     job = f"{spec['name']} seed {seed}"
-    state = checkpoint.TrainingState(state_dir, _job(spec, seed, precision, Path(data)))
+    refit = _refit(spec, seed, epochs_from)
+    state = checkpoint.TrainingState(state_dir, _job(spec, seed, precision, Path(data), refit))
     weights_path = _backbone_weights(spec, weights_manifest)
     env = runtime.prepare(threads, precision, spec["jit_compile"], seed, require_gpu, deterministic_ops, keep=state.keep)
     from cnnstudy import models, training
 
     log.info("%s on %s %s, %s, XLA %s, %s thread(s)", job, env["device"]["kind"], env["device"]["name"], env["precision"], env["jit_compile"], env["threads"]["intra_op"])  # fmt: skip
-    train, val, test = _arrays(Path(data), with_test=spec["time_to_accuracy"])
+    protocol = protocols.of(spec)
+    with np.load(data) as arrays:
+        train, val, test = protocols.splits(arrays, protocol, with_test=spec["time_to_accuracy"])
+    log.info("protocol %s: %d training images, epochs chosen on the %s%s", protocol, len(train[0]), protocols.EPOCHS_CHOSEN_ON[protocol],
+             f": {refit['epochs']} epoch(s), kept by {refit['holdout_run']} ({refit['epochs_from']})" if refit else "")  # fmt: skip
     model = models.build_model(spec, num_classes=train[1].shape[1], input_shape=train[0].shape[1:],
                                weights_path=weights_path, train_images=train[0])  # fmt: skip
     log.info("the entry as resolved (its training spec):\n%s", json.dumps(spec, indent=1, sort_keys=True))
@@ -104,8 +120,10 @@ def main(
     if resumed_from:
         log.info("resuming after epoch %d (phase %d) from %s", resumed_from, state.latest.phase, state.latest.path)
     live = str(Path(model_out).parent / "tensorboard")  # under the job's results folder, for `tensorboard --logdir`
-    fit = training.fit_phases(model, spec, seed, state, train, val, env["jit_compile"], evaluate_on=test, tensorboard=live,
-                              stop_after=stop_after_epoch)  # fmt: skip
+    limits = [e for e in (stop_after_epoch, refit["epochs"] if refit else None) if e is not None]
+    stop_after = min(limits) if limits else None
+    fit = training.fit_phases(model, protocols.fit_spec(spec), seed, state, train, val, env["jit_compile"], evaluate_on=test,
+                              tensorboard=live, stop_after=stop_after)  # fmt: skip
     history = training.history_frame(fit["rows"], job)
 
     weights_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
@@ -116,7 +134,9 @@ def main(
     with atomic_path(history_out) as tmp:
         history.to_csv(tmp, index=False)
     info = {"model": spec["name"], "seed": seed, "spec_hash": configuration.spec_hash(spec), "spec": spec, **env,
-            "backbone_weights": weights_path, **training.summary(model, spec, history, fit, len(train[0]), len(val[0])),
+            "backbone_weights": weights_path, **training.summary(model, spec, history, fit, len(train[0]), len(val[0]) if val else 0),
+            "protocol": {"name": protocol, "trains_on": protocols.TRAINS_ON[protocol], "epochs_chosen_on": protocols.EPOCHS_CHOSEN_ON[protocol],
+                         "test_selected": protocol == "study", **(refit or {})},
             "resumed_from_epoch": resumed_from,
             "provenance": provenance.record("train.py", started=started, finished=time.time())}  # fmt: skip
     write_json(info_out, info)
@@ -139,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-manifest", default=None, help="fetch_weights manifest for ImageNet backbones")
     p.add_argument("--require-gpu", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--deterministic-ops", default=True, type=lambda v: v.lower() == "true", help="true|false (GPUs)")
+    p.add_argument("--epochs-from", default=None, help="a refit's epoch count: its holdout run's metrics.json (its kept epoch)")
     p.add_argument("--stop-after-epoch", type=int, default=None,
                    help="end after this epoch, as if interrupted (verify_published: never a finished job's outputs)")  # fmt: skip
     return p

@@ -33,7 +33,7 @@ import pandas as pd
 
 import evaluate
 import train
-from cnnstudy import cli, provenance, runtime
+from cnnstudy import cli, protocols, provenance, runtime
 from cnnstudy.errors import JobError
 from cnnstudy.files import read_json, write_json
 
@@ -109,9 +109,11 @@ def main(published: str, model: str, seed: int, spec: str, data: str, manifest: 
              f"epochs 1-{stop} of {metrics['epochs_run']}" if stop else "every epoch", threads, recorded["precision"], published)  # fmt: skip
     work = Path(scratch)
     shutil.rmtree(work, ignore_errors=True)
+    refit = (metrics.get("protocol") or {}).get("name") == "refit"  # its epoch count: the published holdout run's
+    epochs_from = Path(published) / "metrics" / f"{protocols.holdout_name(model)}_seed{seed}.json" if refit else None
     info = train.main(data, spec, str(work / "model.keras"), str(work / "history.csv"), str(work / "train_info.json"),
                       str(work / "state"), seed=seed, threads=threads, precision=recorded["precision"],
-                      require_gpu="false", stop_after_epoch=stop)  # fmt: skip
+                      require_gpu="false", stop_after_epoch=stop, epochs_from=epochs_from and str(epochs_from))  # fmt: skip
     differences = history_differences(history, pd.read_csv(work / "history.csv"), stop)
     hashes = {"training": provenance.code_hash("train.py")}
     if not stop:

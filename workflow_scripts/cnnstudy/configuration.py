@@ -16,21 +16,21 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import sweeps
+from . import protocols, sweeps
 from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 # Keys that describe one entry and are never inherited through `base:` (a rung run with three
 # seeds does not make the next rung run three).
-OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim", "sweep", "sweep_params")
+OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim", "sweep", "sweep_params", "protocol")
 # Keys that never change how a model trains (they describe it, place it in the report, or
 # matter only at evaluation): changing them retrains nothing.
 NOT_FOR_TRAINING = ("base", "note", "published", "table", "seeds", "compare_to", "claim", "tta", "sweep", "sweep_params")
 # Settings added after results were published: left out of the training spec while off, so the
 # specs of entries that do not use them (Snakemake's rerun decision, a resumable job's state) stay
 # as they were; training reads them with these defaults.
-ABSENT_WHEN_OFF = {"alternating_flip": False, "drop_last": False}
+ABSENT_WHEN_OFF = {"alternating_flip": False, "drop_last": False, "protocol": protocols.DEFAULT}
 TABLE_OF_ENTRIES = {1: "table1", 2: "table2"}  # an entry's `table` number -> report table
 
 
@@ -211,6 +211,7 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
         resolved[name] = spec
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+    resolved, config_name = _named_after_protocol(resolved)
 
     entry_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/resolved_model"}
     for name, spec in resolved.items():  # every default filled here, once, for every reader
@@ -219,14 +220,30 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
     selected = config.get("run_models")
     if selected:  # entry names, or sweep names (all of a sweep's points)
         sweep_names = {spec["sweep"] for spec in resolved.values() if spec.get("sweep")}
-        unknown = [m for m in selected if m not in resolved and m not in sweep_names]
+        unknown = [m for m in selected if m not in resolved and m not in config_name.values() and m not in sweep_names]
         if unknown:
             raise ConfigError(
                 f"run_models: unknown model name(s) {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join([n for n, s in resolved.items() if not s.get('sweep')] + sorted(sweep_names))}"
+                f"known: {', '.join([config_name[n] for n, s in resolved.items() if not s.get('sweep')] + sorted(sweep_names))}"
             )
-        resolved = {name: spec for name, spec in resolved.items() if name in selected or spec.get("sweep") in selected}
+        resolved = {name: spec for name, spec in resolved.items()
+                    if config_name[name] in selected or spec.get("sweep") in selected}  # fmt: skip
     return resolved
+
+
+def _named_after_protocol(resolved: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
+    """A refit or study entry (by its own setting or model_overrides) named like a sweep point
+    over its protocol, so its outputs never overwrite its holdout run's; and each entry's name
+    in the config (run_models selects by it)."""
+    named, config_name = {}, {}
+    for name, spec in resolved.items():
+        protocol = protocols.of(spec)
+        if protocol != protocols.DEFAULT and not protocols.PART.search(name):
+            spec = {**spec, "name": sweeps.point_name(name, {"protocol": protocol})}
+        if spec["name"] in named:
+            raise ConfigError(f"invalid config:\n  - models: {name} under protocol {protocol} is named {spec['name']}, like another entry")
+        named[spec["name"]], config_name[spec["name"]] = spec, name
+    return named, config_name
 
 
 def load(config: dict, schema_path: Path = SCHEMA_PATH) -> dict[str, dict]:
@@ -262,6 +279,17 @@ def training_part(entry: dict) -> dict:
     keep = ("tta",) if entry.get("time_to_accuracy") else ()
     part = {k: v for k, v in entry.items() if k not in NOT_FOR_TRAINING or k in keep}
     return {k: v for k, v in part.items() if not (k in ABSENT_WHEN_OFF and v == ABSENT_WHEN_OFF[k])}
+
+
+def in_study_tables(entry: dict) -> bool:
+    """An entry of the study's Tables 1-4 and figures: not a sweep point, and a holdout run
+    (refit and study runs have the protocols table)."""
+    return not entry.get("sweep") and protocols.of(entry) == protocols.DEFAULT
+
+
+def in_sweep_table(entry: dict) -> bool:
+    """A point of a sweep compared on its validation split (a sweep over `protocol` is not)."""
+    return bool(entry.get("sweep")) and protocols.of(entry) == protocols.DEFAULT
 
 
 def weights_source(entry: dict) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from . import configuration
+
 ALPHA = 0.05
 RESAMPLES = 9999
 VERDICTS = ("improved", "no significant change", "worse")
@@ -55,7 +57,7 @@ def steps(models: dict) -> list[tuple[str, str]]:
     """(entry, the entry it changes), in config order."""
     pairs = []
     for name, spec in models.items():
-        if spec.get("sweep"):  # sweep points have their own table
+        if not configuration.in_study_tables(spec):  # sweep points, refit and study runs: their own tables
             continue
         reference = spec.get("compare_to") or spec.get("base")
         if reference in models:

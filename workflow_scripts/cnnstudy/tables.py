@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import configuration, provenance, stats
+from . import configuration, protocols, provenance, stats
 
 STALE = "†"
 
@@ -50,16 +50,18 @@ class Table:
     caption: str
     build: Callable[[Inputs], tuple[pd.DataFrame, list[Column], str]]
     needs: tuple[str, ...] = ("metrics",)  # rule inputs beyond the entries: metrics, probs, benchmarks
+    wanted: Callable[[dict], bool] = lambda models: True  # written for these entries (else not an output)
 
 
 # ---- per-run quantities --------------------------------------------------------------------------
 
+NO_VAL = {"accuracy": float("nan"), "loss": float("nan")}  # a run trained on the validation images
 # key: (label, how to read it from a metrics file, digits)
 QUANTITIES = {
     "accuracy": ("Train accuracy", lambda m: m["kept_epoch"]["accuracy"], 4),
     "loss": ("Train loss", lambda m: m["kept_epoch"]["cross_entropy"], 4),
-    "val_accuracy": ("Val. accuracy", lambda m: m["val"]["accuracy"], 4),
-    "val_loss": ("Val. loss", lambda m: m["val"]["loss"], 4),
+    "val_accuracy": ("Val. accuracy", lambda m: (m["val"] or NO_VAL)["accuracy"], 4),  # refit, study: none
+    "val_loss": ("Val. loss", lambda m: (m["val"] or NO_VAL)["loss"], 4),
     "test_accuracy": ("Test accuracy", lambda m: m["test"]["accuracy"], 4),
     "test_loss": ("Test loss", lambda m: m["test"]["loss"], 4),
     "f1_macro": ("Test macro F1", lambda m: m["test"]["f1_macro"], 4),
@@ -107,6 +109,7 @@ def per_run(metrics: list[dict]) -> pd.DataFrame:
             **{key: get(m) for key, (_, get, _) in QUANTITIES.items()},
             "params": m["params"],
             "layers": m["layers"],
+            "protocol": (m.get("protocol") or {}).get("name", protocols.DEFAULT),
             "provenance": m["provenance"],
             "training_code": code_status(m["provenance"], "training", current["training"]),
             "evaluation_code": code_status(m["provenance"], "evaluation", current["evaluation"]),
@@ -171,7 +174,7 @@ LADDER_NOTE = (
 
 def ladder_table(number: int):
     def build(inputs: Inputs):
-        members = [n for n, e in inputs.models.items() if e["table"] == number and not e.get("sweep")]
+        members = [n for n, e in inputs.models.items() if e["table"] == number and configuration.in_study_tables(e)]
         agg = aggregate(inputs.runs, members) if len(inputs.runs) else pd.DataFrame()
         timed = any(inputs.models[n]["time_to_accuracy"] for n in agg.index)
         columns = [Column("model", "Model", show=lambda r: r["model"] + (f" {STALE}" if r["trained_by_other_code"] else "")),
@@ -254,7 +257,7 @@ ANNEX_NOTE = (
 
 
 def annex_table(inputs: Inputs):
-    ladder = [n for n, e in inputs.models.items() if not e.get("sweep")]
+    ladder = [n for n, e in inputs.models.items() if configuration.in_study_tables(e)]
     agg = aggregate(inputs.runs, ladder) if len(inputs.runs) else pd.DataFrame()
     sizes = inputs.runs.groupby("model")[["params", "layers"]].first() if len(inputs.runs) else None
     rows = []
@@ -318,7 +321,7 @@ SWEEP_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "epoc
 
 
 def sweep_table(inputs: Inputs):
-    points = {n: e for n, e in inputs.models.items() if e.get("sweep")}
+    points = {n: e for n, e in inputs.models.items() if configuration.in_sweep_table(e)}
     agg = aggregate(inputs.runs, list(points)) if len(inputs.runs) and points else pd.DataFrame()
     params = list(dict.fromkeys(p for e in points.values() for p in e["sweep_params"]))
     rows = []
@@ -348,7 +351,7 @@ def compare_frame(models: dict, runs: pd.DataFrame, names: list[str] | None = No
                   sort: str = "val_accuracy", ascending: bool = False) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
     """One row per chosen entry (mean ± std over its seeds), the settings that differ among them
     as columns, sorted by ``sort`` (any metric, or a setting). Returns (frame, setting columns)."""
-    names = [n for n in (names or list(models)) if n in set(runs["model"])]
+    names = [n for n in (list(models) if names is None else names) if n in set(runs["model"])]
     if not names:
         return pd.DataFrame(), []
     flat = {n: settings(models[n]) for n in names}
@@ -385,8 +388,65 @@ COMPARE_NOTE = (
 
 
 def compare_table(inputs: Inputs):
-    frame, differ = compare_frame(inputs.models, inputs.runs) if len(inputs.runs) else (pd.DataFrame(), [])
+    holdout = [n for n, e in inputs.models.items() if protocols.of(e) == protocols.DEFAULT]  # compared by validation
+    frame, differ = compare_frame(inputs.models, inputs.runs, holdout) if len(inputs.runs) else (pd.DataFrame(), [])
     return frame, compare_columns(differ), COMPARE_NOTE
+
+
+# ---- protocols: method or irreproducibility? ------------------------------------------------------
+
+PROTOCOLS_NOTE = (
+    "Per rung, the study's number and ours under each training protocol that ran (cnnstudy/protocols.py). "
+    "Study: the study's published validation accuracy, measured on the CIFAR-10 test set. holdout: ours as in "
+    "Table 1, trained on 90 % of the training images, epochs chosen (early stopping) on the other 10 %. refit: "
+    "trained from scratch on all 50 000 training images for the epoch count its holdout run with the same seed "
+    "kept, no early stopping; it has no validation split, so no validation column. study: the study's method, "
+    "trained on all 50 000 and early-stopped on the test set: its test accuracy is test-selected (the test set "
+    "chose its epochs), an optimistic number not comparable to the holdout and refit columns, shown only to "
+    "compare with the study's. Test accuracy: the final model as evaluated, mean ± standard deviation over n "
+    "seeds. Gap: our mean minus the study's number. Epochs: epochs trained, mean over seeds."
+)
+
+
+def has_protocols(models: dict) -> bool:
+    """Whether a run has refit or study entries (only then is the protocols table written)."""
+    return any(protocols.of(e) != protocols.DEFAULT for e in models.values())
+
+
+def protocols_table(inputs: Inputs):
+    derived = [n for n, e in inputs.models.items() if protocols.of(e) != protocols.DEFAULT]
+    rungs = list(dict.fromkeys(protocols.holdout_name(n) for n in derived))
+    ran = set(inputs.runs["model"]) if len(inputs.runs) else set()
+    rows = []
+    for rung in rungs:
+        members = [n for n in [rung, *derived] if protocols.holdout_name(n) == rung and n in ran]
+        agg = aggregate(inputs.runs, members)
+        study = ((inputs.models.get(rung) or {}).get("published") or {}).get("val_accuracy")
+        for name in sorted(members, key=lambda n: protocols.PROTOCOLS.index(protocols.of(inputs.models[n]))):
+            protocol = protocols.of(inputs.models[name])
+            row = agg.loc[name]
+            rows.append({
+                "model": rung, "protocol": protocol, "entry": name, "n": int(row["n"]),
+                "test_accuracy_mean": row["test_accuracy_mean"], "test_accuracy_std": row["test_accuracy_std"],
+                "study_test_accuracy": study,
+                "gap_to_study": row["test_accuracy_mean"] - study if study is not None else np.nan,
+                "val_accuracy_mean": row["val_accuracy_mean"], "val_accuracy_std": row["val_accuracy_std"],
+                "epochs_run_mean": row["epochs_run_mean"], "epochs_run_std": row["epochs_run_std"],
+                "trains_on": protocols.TRAINS_ON[protocol], "epochs_chosen_on": protocols.EPOCHS_CHOSEN_ON[protocol],
+                "test_selected": protocol == "study",
+            })  # fmt: skip
+    columns = [
+        Column("model", "Rung"), Column("protocol", "Protocol", show=lambda r: r["protocol"] + (" (test-selected)" if r["test_selected"] else "")),
+        Column("trains_on", "Trains on"), Column("epochs_chosen_on", "Epochs chosen on"),
+        Column("epochs_run_mean", "Epochs", 1, "epochs_run_std"),
+        Column("study_test_accuracy", "Study", 4),
+        Column("test_accuracy_mean", "Test accuracy", 4, "test_accuracy_std"),
+        Column("gap_to_study", "Gap to study", show=lambda r: f"{r['gap_to_study']:+.4f}" if pd.notna(r["gap_to_study"]) else ""),
+        Column("val_accuracy_mean", "Val. accuracy", show=lambda r: cell(r["val_accuracy_mean"], r["val_accuracy_std"], 4)
+               if r["protocol"] == protocols.DEFAULT else "none (trained on it)"),
+        Column("n", "n"),
+    ]  # fmt: skip
+    return pd.DataFrame(rows), columns, PROTOCOLS_NOTE
 
 
 # ---- provenance and benchmarks -----------------------------------------------------------------------
@@ -448,7 +508,14 @@ REGISTRY = [
     Table("table4", "Table 4 - Did each step help? Paired tests on the test set", "table4", steps_table, ("metrics", "probs")),
     Table("sweeps", "Sweeps: every point, mean ± std over seeds", "sweeps", sweep_table),
     Table("compare", "All runs compared: what differs, sorted by validation accuracy", "compare", compare_table),
+    Table("protocols", "Protocols: the study's number and ours, trained and selected three ways", "protocols", protocols_table,
+          wanted=has_protocols),
     Table("provenance", "Provenance of every result", "provenance", provenance_table),
     Table("benchmarks", "Benchmarks: wall time and peak memory per job", "benchmarks", benchmark_table, ("metrics", "benchmarks")),
 ]
 BY_NAME = {t.name: t for t in REGISTRY}
+
+
+def wanted(models: dict) -> list[Table]:
+    """The tables a run with these entries writes."""
+    return [t for t in REGISTRY if t.wanted(models)]

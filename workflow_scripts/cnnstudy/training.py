@@ -91,10 +91,10 @@ class EpochLogger(keras.callbacks.Callback):
 
 def log_epoch(epoch: int, total_epochs: int, row: dict, prefix: str = "") -> None:
     """One progress line: an epoch just trained, or (``prefix``) one restored from a checkpoint."""
+    validation = f"  val_loss {row['val_loss']:.4f}  val_accuracy {row['val_accuracy']:.4f}" if "val_loss" in row else ""
     log.info(
-        "%sepoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  lr %.3g  %.1f s  %.0f img/s",
-        prefix, epoch, total_epochs, row.get("loss", math.nan), row.get("accuracy", math.nan),
-        row.get("val_loss", math.nan), row.get("val_accuracy", math.nan),
+        "%sepoch %d/%d  loss %.4f  accuracy %.4f%s  lr %.3g  %.1f s  %.0f img/s",
+        prefix, epoch, total_epochs, row.get("loss", math.nan), row.get("accuracy", math.nan), validation,
         row["learning_rate"], row["epoch_time"], row["images_per_s"],
     )  # fmt: skip
 
@@ -240,7 +240,7 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     if steps == 0:
         raise JobError(f"{spec['name']}: drop_last with batch_size {batch} > {len(x)} training images leaves no batch")
     per_epoch = datasets.images_per_epoch(len(x), batch, drop_last)
-    val_ds = datasets.eval_dataset(*val, spec["batch_size"])
+    val_ds = datasets.eval_dataset(*val, spec["batch_size"]) if val is not None else None  # refit: none
     all_phases = phases(spec)
     total = sum(p["epochs"] for p in all_phases)
     resume = state.latest
@@ -264,10 +264,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         # Finished, or stopped early, before the kill: a fit of no epochs restores the
         # checkpoint and ends as the uninterrupted fit ended (EMA values, best weights).
         last = first if stopped or first >= end else end
-        if stop_after is not None:
-            if first >= stop_after:
-                break
-            last = min(last, stop_after)
+        if stop_after is not None:  # a checkpoint at or past it: a fit of no epochs restores it
+            last = min(last, max(first, stop_after))
         callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(per_epoch, total, index),
                      keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
         if evaluate_on is not None:
@@ -294,6 +292,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
                 f"learning rate ({phase['optimizer']['learning_rate']}) or check the data."
             ) from exc
         start = end
+        if stop_after is not None and end >= stop_after:
+            break
     kept = early.best_epoch + 1 if early is not None and early.best_weights is not None else rows[-1]["epoch"]
     return {"rows": rows, "kept_epoch": int(kept), "stopped_early": bool(early is not None and early.stopped)}
 
@@ -302,7 +302,8 @@ def history_frame(rows: list[dict], job: str) -> pd.DataFrame:
     """The history rows as a table (epoch first); a non-finite loss anywhere fails the job."""
     history = pd.DataFrame(rows)
     history = history[["epoch", *sorted(c for c in history.columns if c != "epoch")]]
-    bad = history[~np.isfinite(history[["loss", "val_loss"]]).all(axis=1)]
+    losses = [c for c in ("loss", "val_loss") if c in history]  # a refit has no validation
+    bad = history[~np.isfinite(history[losses]).all(axis=1)]
     if len(bad):
         raise JobError(f"{job}: non-finite loss in epoch(s) {bad['epoch'].tolist()}; no model was written")
     return history
