@@ -58,10 +58,12 @@ def runs(pattern):
 
 
 def training_spec(model):
-    """The part of a model entry that training depends on, as canonical JSON."""
-    return json.dumps(
-        configuration.training_part(MODELS[model]), sort_keys=True, indent=1
-    )
+    """The part of a model entry that training depends on, as canonical JSON; with the
+    backend where it is not TensorFlow (the numbers differ between backends)."""
+    spec = configuration.training_part(MODELS[model])
+    if config["backend"] != "tensorflow":
+        spec["backend"] = config["backend"]
+    return json.dumps(spec, sort_keys=True, indent=1)
 
 
 def table_info():

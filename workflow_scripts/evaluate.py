@@ -83,6 +83,8 @@ def main(
     for path in (data, manifest, model, history, train_info):
         if not Path(path).is_file():
             raise FileNotFoundError(f"missing input {path}")
+    info = read_json(train_info)
+    runtime.select_backend(info.get("backend", "tensorflow"))  # the training job's: before Keras is imported
     intra, _ = runtime.configure_threads(threads)
     import keras
     import pandas as pd
@@ -90,7 +92,6 @@ def main(
     from cnnstudy import models  # noqa: F401  (registers the workflow's custom layers)
     from cnnstudy import predict
 
-    info = read_json(train_info)
     runtime.set_precision(info["precision"])
     net = keras.saving.load_model(model, compile=False, safe_mode=True)  # no arbitrary code from the file
     protocol = info.get("protocol") or {"name": "holdout"}  # runs from before protocols: holdout

@@ -101,12 +101,13 @@ def main(
     spec = spec if isinstance(spec, dict) else read_json(spec)
     job = f"{spec['name']} seed {seed}"
     refit = _refit(spec, seed, epochs_from)
+    backend = runtime.select_backend(spec.get("backend", "tensorflow"))  # before anything imports Keras
     state = checkpoint.TrainingState(state_dir, _job(spec, seed, precision, Path(data), refit))
     weights_path = _backbone_weights(spec, weights_manifest)
     env = runtime.prepare(threads, precision, spec["jit_compile"], seed, require_gpu, deterministic_ops, keep=state.keep)
     from cnnstudy import models, training
 
-    log.info("%s on %s %s, %s, XLA %s, %s thread(s)", job, env["device"]["kind"], env["device"]["name"], env["precision"], env["jit_compile"], env["threads"]["intra_op"])  # fmt: skip
+    log.info("%s on %s %s, Keras on %s, %s, XLA %s, %s thread(s)", job, env["device"]["kind"], env["device"]["name"], backend, env["precision"], env["jit_compile"], env["threads"]["intra_op"])  # fmt: skip
     protocol = protocols.of(spec)
     with np.load(data) as arrays:
         train, val, test = protocols.splits(arrays, protocol, with_test=spec["time_to_accuracy"])
@@ -119,7 +120,9 @@ def main(
     resumed_from = state.latest.epoch if state.latest else 0
     if resumed_from:
         log.info("resuming after epoch %d (phase %d) from %s", resumed_from, state.latest.phase, state.latest.path)
-    live = str(Path(model_out).parent / "tensorboard")  # under the job's results folder, for `tensorboard --logdir`
+    # Live curves under the job's results folder, for `tensorboard --logdir`; Keras' TensorBoard callback
+    # writes through TensorFlow, which a JAX job never imports.
+    live = str(Path(model_out).parent / "tensorboard") if backend == "tensorflow" else None
     limits = [e for e in (stop_after_epoch, refit["epochs"] if refit else None) if e is not None]
     stop_after = min(limits) if limits else None
     fit = training.fit_phases(model, protocols.fit_spec(spec), seed, state, train, val, env["jit_compile"], evaluate_on=test,
@@ -134,7 +137,7 @@ def main(
     with atomic_path(history_out) as tmp:
         history.to_csv(tmp, index=False)
     info = {"model": spec["name"], "seed": seed, "spec_hash": configuration.spec_hash(spec), "spec": spec, **env,
-            "backbone_weights": weights_path, **training.summary(model, spec, history, fit, len(train[0]), len(val[0]) if val else 0),
+            "backend": backend, "backbone_weights": weights_path, **training.summary(model, spec, history, fit, len(train[0]), len(val[0]) if val else 0),
             "protocol": {"name": protocol, "trains_on": protocols.TRAINS_ON[protocol], "epochs_chosen_on": protocols.EPOCHS_CHOSEN_ON[protocol],
                          "test_selected": protocol == "study", **(refit or {})},
             "resumed_from_epoch": resumed_from,

@@ -1,4 +1,6 @@
-"""tf.data input pipelines over the in-memory npz arrays."""
+"""Input pipelines over the in-memory npz arrays: tf.data for TensorFlow jobs, a Keras PyDataset
+for JAX jobs (no TensorFlow import). Both give the same batches: each epoch in ``epoch_order``,
+the same flips."""
 
 from __future__ import annotations
 
@@ -55,6 +57,39 @@ def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
         return tf.where(flip[:, None, None, None], tf.reverse(batch, axis=[2]), batch), tf.gather(labels, index)
 
     return ds.map(gather).prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0,
+                  drop_last: bool = False, alternating_flip: bool = False):  # fmt: skip
+    """train_dataset's batches as a keras.utils.PyDataset of NumPy arrays, for backends other
+    than TensorFlow: batch i of the current epoch, which starts at ``first_epoch`` and moves on at
+    every epoch's end (Keras calls on_epoch_end), so a resumed fit sees the epochs it resumes."""
+    import keras
+
+    class EpochBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.n = len(x) - len(x) % batch_size if drop_last else len(x)
+            self.mask = flip_mask(seed, len(x)) if alternating_flip else None
+            self.epoch = first_epoch - 1
+            self.on_epoch_end()
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.order = epoch_order(seed, self.epoch, len(x))[: self.n]
+
+        def __len__(self):
+            return -(-self.n // batch_size)
+
+        def __getitem__(self, i):
+            index = self.order[i * batch_size : (i + 1) * batch_size]
+            images = x[index]
+            if self.mask is not None:
+                flip = self.mask[index] ^ bool(self.epoch % 2)
+                images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+            return images, y[index]
+
+    return EpochBatches()
 
 
 def images_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:

@@ -161,6 +161,27 @@ class BackbonePreprocess(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
+# ---- augmentation that XLA compiles on JAX ------------------------------------------------------------
+# Keras 3.15 sets supports_jit = False in RandomTranslation and RandomRotation on every backend,
+# because TensorFlow's ImageProjectiveTransformV3 cannot be compiled; a model holding one then
+# trains its whole step without XLA, and on JAX an uncompiled step runs op by op. On JAX the
+# transform is jax.scipy's map_coordinates (keras.src.backend.jax.image.affine_transform), which XLA
+# compiles. These subclasses say so on JAX and change nothing else; TensorFlow jobs keep Keras' own
+# classes (models.augmentation_class), so their numerics and saved models are as before.
+
+
+def _compiled_on_jax(cls):
+    def __init__(self, **kwargs):
+        cls.__init__(self, **kwargs)
+        self.supports_jit = keras.backend.backend() == "jax"
+
+    name = f"Compiled{cls.__name__}"
+    subclass = type(name, (cls,), {"__init__": __init__, "__doc__": f"Keras' {cls.__name__}, compiled by XLA on JAX."})
+    return keras.saving.register_keras_serializable(package="cnnstudy", name=name)(subclass)
+
+
+COMPILED_ON_JAX = {cls.__name__: _compiled_on_jax(cls) for cls in (keras.layers.RandomTranslation, keras.layers.RandomRotation)}
+
 # Names an entry may use beyond keras.layers / Keras' initialisers.
 CUSTOM_LAYERS = {"PatchWhitening": PatchWhitening, "Bias": Bias}
 CUSTOM_INITIALIZERS = {"dirac": Dirac}

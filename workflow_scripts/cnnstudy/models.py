@@ -15,7 +15,7 @@ import numpy as np
 
 from .configuration import flat_layers
 from .errors import ConfigError
-from .layers import CUSTOM_INITIALIZERS, CUSTOM_LAYERS, BackbonePreprocess, PatchWhitening, backbone_constructor
+from .layers import COMPILED_ON_JAX, CUSTOM_INITIALIZERS, CUSTOM_LAYERS, BackbonePreprocess, PatchWhitening, backbone_constructor
 from .optimizers import make_optimizer
 
 INPUT_SHAPE = (32, 32, 3)
@@ -30,11 +30,18 @@ def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
         kwargs.setdefault("momentum", spec["batchnorm_momentum"])
     if kwargs.get("kernel_initializer") in CUSTOM_INITIALIZERS:
         kwargs["kernel_initializer"] = CUSTOM_INITIALIZERS[kwargs["kernel_initializer"]]()
-    cls = CUSTOM_LAYERS.get(class_name) or getattr(keras.layers, class_name)
+    cls = CUSTOM_LAYERS.get(class_name) or layer_class(class_name)
     try:
         return cls(**kwargs, name=f"{class_name.lower()}_{index}")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model {spec['name']}: layer {index} {class_name}({kwargs}): {exc}") from exc
+
+
+def layer_class(name: str):
+    """Keras' layer class ``name``; on JAX, its XLA-compiled subclass where layers.COMPILED_ON_JAX has one."""
+    if keras.backend.backend() == "jax" and name in COMPILED_ON_JAX:
+        return COMPILED_ON_JAX[name]
+    return getattr(keras.layers, name)
 
 
 def set_backbone_trainable(model: keras.Model, trainable: str | int) -> None:

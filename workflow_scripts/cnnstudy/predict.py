@@ -66,12 +66,13 @@ def evaluated_weights(model):
     """Inside the block the model holds the weights it is evaluated with (its EMA, if any).
 
     Unlike SwapEMAWeights' in-place arithmetic swap, the values are copied, so the training
-    weights come back bit for bit.
+    weights come back bit for bit. Copied as NumPy arrays: on JAX, assigning the average variable
+    itself would share its buffer, which predict() then frees with the model's (the EMA lost).
     """
     pairs = ema_pairs(model.optimizer) if getattr(model, "optimizer", None) is not None else []
     saved = [variable.numpy() for variable, _ in pairs]
     for variable, average in pairs:
-        variable.assign(average)
+        variable.assign(average.numpy())
     try:
         yield model
     finally:

@@ -1,4 +1,5 @@
-"""Where and how TensorFlow runs: threads, device, precision policy, seeds."""
+"""Where and how a job runs: Keras' backend (TensorFlow or JAX), threads, device, precision policy,
+seeds. A JAX job imports no TensorFlow."""
 
 from __future__ import annotations
 
@@ -9,6 +10,32 @@ import platform
 log = logging.getLogger("cnnstudy.runtime")
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+BACKENDS = ("tensorflow", "jax")
+
+
+def select_backend(backend: str) -> str:
+    """Keras fixes its backend when it is first imported: set KERAS_BACKEND before that. A process
+    whose Keras already runs another backend cannot switch (a test calling main() twice)."""
+    import sys
+
+    from .errors import JobError
+
+    if backend not in BACKENDS:
+        raise JobError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if "keras" in sys.modules:
+        current = sys.modules["keras"].backend.backend()
+        if current != backend:
+            raise JobError(f"Keras already runs on {current} in this process: a {backend} job needs a process of its own")
+        return backend
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def backend() -> str:
+    """The backend Keras runs (or will run) in this process."""
+    import sys
+
+    return sys.modules["keras"].backend.backend() if "keras" in sys.modules else os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
 def available_cpus() -> int:
@@ -29,12 +56,20 @@ def configure_threads(threads: int) -> tuple[int, int]:
 
     Asking for more threads than cores (``--cores 4`` on a 2-core machine) only adds
     contention, so intra-op threads are capped; one inter-op thread is enough for a CNN's
-    sequential graph. Call before TensorFlow runs any op.
+    sequential graph. Call before TensorFlow runs any op. On JAX, XLA's CPU flags say the same,
+    before JAX starts (best effort: its client keeps a small pool of its own).
     """
-    import tensorflow as tf
-
     intra = allotted_threads(threads)
     inter = 1
+    if backend() == "jax":
+        import sys
+
+        if "jax" not in sys.modules:
+            flags = f"--xla_cpu_multi_thread_eigen={'true' if intra > 1 else 'false'} intra_op_parallelism_threads={intra}"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        return intra, inter
+    import tensorflow as tf
+
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
@@ -87,6 +122,8 @@ def setup_device(require_gpu: str = "auto", deterministic_ops: bool = True) -> d
     the same numbers there too (slower; CPU kernels used here are deterministic already).
     Returns a description for logs and provenance.
     """
+    if backend() == "jax":
+        return _setup_jax_device(require_gpu, deterministic_ops)
     import tensorflow as tf
 
     from .errors import JobError
@@ -115,15 +152,41 @@ def setup_device(require_gpu: str = "auto", deterministic_ops: bool = True) -> d
     return info
 
 
+JAX_GPU_FIX = "install JAX's CUDA build (`make run BACKEND=jax GPU=1`: jax[cuda12]), or set require_gpu: false"
+
+
+def _setup_jax_device(require_gpu: str, deterministic_ops: bool) -> dict:
+    """setup_device for JAX: the devices JAX sees; the same require_gpu rules and errors."""
+    import jax
+
+    from .errors import JobError
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus and (require_gpu == "true" or (require_gpu == "auto" and nvidia_gpus_present())):
+        why = "this machine has an NVIDIA GPU but" if require_gpu == "auto" else "require_gpu is true but"
+        raise JobError(f"{why} JAX sees no GPU (jax {jax.__version__}, CPU-only jaxlib?): {JAX_GPU_FIX}")
+    info: dict = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "backend": "jax", "jax": jax.__version__}
+    if gpus:
+        capability = str(getattr(gpus[0], "compute_capability", "") or "0")
+        info.update(kind="GPU", name=gpus[0].device_kind, count=len(gpus), deterministic_ops=deterministic_ops,
+                    compute_capability=[int(part) for part in capability.split(".")])  # fmt: skip
+    else:
+        info.update(kind="CPU", name=cpu_info()[0], count=available_cpus())
+    return info
+
+
 def resolve_precision(requested: str, device: dict, cpu_flags: set[str] | None = None) -> str:
     """The Keras dtype policy for ``requested`` ('auto' or an explicit policy).
 
     auto: mixed_bfloat16 on GPUs of compute capability >= 8 and on CPUs with bf16
     instructions (AVX512-BF16, AMX); mixed_float16 (with loss scaling) on older GPUs;
-    float32 otherwise.
+    float32 otherwise. On JAX's CPU backend float32: XLA's CPU convolutions ran no faster in
+    bfloat16 (model_10, 2-core EPYC with AVX512-BF16: 72-73 img/s either way, issue 27).
     """
     if requested != "auto":
         return requested
+    if device.get("backend") == "jax" and device.get("kind") != "GPU":
+        return "float32"
     if device.get("kind") == "GPU":
         major = (device.get("compute_capability") or [0])[0]
         return "mixed_bfloat16" if major >= 8 else "mixed_float16"
@@ -140,6 +203,8 @@ def resolve_jit(requested: str, device: dict, policy: str) -> bool | str:
     """
     if requested in ("on", "off"):
         return requested == "on"
+    if device.get("backend") == "jax":  # every layer compiles there (layers.COMPILED_ON_JAX); uncompiled JAX runs op by op
+        return True
     return "auto" if device.get("kind") == "GPU" else False
 
 

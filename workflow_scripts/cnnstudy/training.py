@@ -240,7 +240,8 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     if steps == 0:
         raise JobError(f"{spec['name']}: drop_last with batch_size {batch} > {len(x)} training images leaves no batch")
     per_epoch = datasets.images_per_epoch(len(x), batch, drop_last)
-    val_ds = datasets.eval_dataset(*val, spec["batch_size"]) if val is not None else None  # refit: none
+    tf_data = keras.backend.backend() == "tensorflow"  # else NumPy batches (datasets.epoch_batches): no TensorFlow
+    val_ds = None if val is None else datasets.eval_dataset(*val, spec["batch_size"]) if tf_data else val  # refit: none
     all_phases = phases(spec)
     total = sum(p["epochs"] for p in all_phases)
     resume = state.latest
@@ -274,10 +275,13 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
             callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=False, update_freq="epoch"))
         callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
         try:
+            flip = spec.get("alternating_flip", False)
             model.fit(
-                datasets.train_dataset(x, y, batch, seed, first, last, drop_last, spec.get("alternating_flip", False)),
+                datasets.train_dataset(x, y, batch, seed, first, last, drop_last, flip) if tf_data
+                else datasets.epoch_batches(x, y, batch, seed, first, drop_last, flip),
                 steps_per_epoch=steps,
                 validation_data=val_ds,
+                validation_batch_size=None if tf_data else batch,
                 initial_epoch=first,
                 epochs=last,
                 callbacks=callbacks,
