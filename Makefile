@@ -5,7 +5,8 @@
 #                           to training code): RUNS=model_09_seed0,model_17_seed0 EPOCHS=2 (0: whole
 #                           runs and their evaluation); RECORD=1 adds the checks to reports/study
 # Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11,
-#          GPU=1 (NVIDIA machines: install TensorFlow's GPU build, requirements-gpu.txt)
+#          GPU=1 (NVIDIA machines: install TensorFlow's GPU build, requirements-gpu.txt),
+#          BACKEND=jax (train on Keras' JAX backend; with GPU=1: jax[cuda12], requirements-jax-gpu.txt)
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -14,17 +15,18 @@ RESULTS ?= results
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
 GPU ?=
+BACKEND ?=
 RUNS ?=
 EPOCHS ?= 2
 CORES ?= 2
 RECORD ?=
-REQUIREMENTS = $(if $(GPU),requirements-gpu.txt,requirements.txt)
-STAMP = $(VENV)/.installed$(if $(GPU),-gpu)
+REQUIREMENTS = $(if $(GPU),$(if $(filter jax,$(BACKEND)),requirements-jax-gpu.txt,requirements-gpu.txt),requirements.txt)
+STAMP = $(VENV)/.installed$(if $(GPU),-gpu$(if $(filter jax,$(BACKEND)),-jax))
 
 # Jobs call `python`, so the environment's bin directory comes first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-DATA_ARG = $(if $(DATA),--config data_source=$(abspath $(DATA)))
+DATA_ARG = $(if $(DATA)$(BACKEND),--config $(if $(DATA),data_source=$(abspath $(DATA))) $(if $(BACKEND),backend=$(BACKEND)))
 DATA_ITEM = $(if $(DATA),data_source=$(abspath $(DATA)))
 
 .PHONY: setup run test publish lint verify-published

@@ -42,9 +42,12 @@ def script(name):
     return str(Path(workflow.basedir) / "workflow_scripts" / name)
 
 
-# TensorFlow jobs' conda environment: CPU-only, or the GPU build (tensorflow[and-cuda]).
+# Training jobs' conda environment: TensorFlow CPU-only or its GPU build (tensorflow[and-cuda]);
+# on the JAX backend, JAX (CPU).
 TF_ENV = (
-    f"../envs/tensorflow{'-gpu' if config['tensorflow_build'] == 'gpu' else ''}.yaml"
+    "../envs/jax.yaml"
+    if config["backend"] == "jax"
+    else f"../envs/tensorflow{'-gpu' if config['tensorflow_build'] == 'gpu' else ''}.yaml"
 )
 
 
