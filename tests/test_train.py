@@ -137,3 +137,39 @@ def test_training_records_its_code(tiny_data, ladder_specs, tmp_path):
     assert recorded["code_hash"] == provenance.code_hash("train.py") and len(recorded["code_hash"]) == 16
     assert recorded["git_commit"] and len(recorded["git_commit"]) == 40 and isinstance(recorded["git_dirty"], bool)
     assert recorded["packages"]["keras"] == keras.__version__
+
+
+LOADED = """
+import atexit, os, sys
+
+@atexit.register
+def _loaded():
+    with open(os.environ["LOADED_LOG"], "w") as fh:
+        fh.write(" ".join(sorted(name for name in ("tensorflow", "jax", "sklearn", "matplotlib") if sys.modules.get(name))))
+"""
+
+
+def test_jobs_refuse_the_packages_tensorflow_would_import_for_nothing(tiny_data, ladder_specs, tmp_path):
+    """A training job never imports jax, scikit-learn or matplotlib, which TensorFlow and Keras would
+    load at start-up (seconds per job); an evaluation job imports scikit-learn for its metrics only."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(LOADED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(_spec(ladder_specs, "model_01", epochs=1, batch_size=100)))
+    out = _outputs(tmp_path)
+    jobs = {
+        "train": ["train.py", "--data", str(tiny_data), "--spec", str(spec), "--threads", "1", "--state-dir", str(tmp_path / "s"),
+                  *(f"--{k.replace('_', '-')}={v}" for k, v in out.items())],
+        "evaluate": ["evaluate.py", "--data", str(tiny_data), "--manifest", str(tiny_data.with_suffix(".json")),
+                     "--model", out["model_out"], "--history", out["history_out"], "--train-info", out["info_out"],
+                     "--metrics-out", str(tmp_path / "metrics.json"), "--probs-out", str(tmp_path / "probs.npz")],
+    }  # fmt: skip
+    loaded = {}
+    for job, (script, *args) in jobs.items():
+        log = tmp_path / f"{job}.loaded"
+        proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env={**env, "LOADED_LOG": str(log)},
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loaded[job] = log.read_text().split()
+    assert loaded == {"train": ["tensorflow"], "evaluate": ["sklearn", "tensorflow"]}

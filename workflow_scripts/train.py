@@ -169,4 +169,4 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, parser(), unused=runtime.STARTUP_EXTRAS))

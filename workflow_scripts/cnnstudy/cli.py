@@ -31,8 +31,15 @@ def setup_logging() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def run(main: Callable[..., object], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse ``argv``, call ``main(**args)`` and turn expected failures into exit code 1."""
+def run(main: Callable[..., object], parser: argparse.ArgumentParser, argv: list[str] | None = None,
+        unused: tuple[str, ...] = ()) -> int:  # fmt: skip
+    """Parse ``argv``, call ``main(**args)`` and turn expected failures into exit code 1.
+
+    ``unused``: optional packages this job never imports itself, refused before TensorFlow or Keras
+    would import them at start-up (runtime.STARTUP_EXTRAS)."""
+    from . import runtime
+
+    runtime.refuse_imports(unused)
     setup_logging()
     args = vars(parser.parse_args(argv))
     try:

@@ -13,15 +13,34 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 BACKENDS = ("tensorflow", "jax")
 
 
+# Packages that TensorFlow and Keras import at start-up whenever they are installed, each behind an
+# `except ImportError`: TF Lite imports jax, Keras' scikit-learn wrapper sklearn, its image gallery
+# matplotlib. A job process that never uses one refuses it (cli.run(..., unused=...)), which saves
+# seconds of every job's start-up: `import tensorflow, keras` took 6.5 s with them, 4.2 s with all
+# three refused (median of 3 each, 2-core EPYC, 2026-12-04). Test processes calling main() refuse nothing.
+STARTUP_EXTRAS = ("jax", "sklearn", "matplotlib")
+
+
+def refuse_imports(names) -> None:
+    """Make ``import name`` raise ImportError in this process, for modules not imported yet."""
+    import sys
+
+    for name in names:
+        sys.modules.setdefault(name, None)
+
+
 def select_backend(backend: str) -> str:
     """Keras fixes its backend when it is first imported: set KERAS_BACKEND before that. A process
-    whose Keras already runs another backend cannot switch (a test calling main() twice)."""
+    whose Keras already runs another backend cannot switch (a test calling main() twice). A job that
+    refused jax (refuse_imports) gets it back when jax is its backend."""
     import sys
 
     from .errors import JobError
 
     if backend not in BACKENDS:
         raise JobError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "jax" and "jax" in sys.modules and sys.modules["jax"] is None:
+        del sys.modules["jax"]
     if "keras" in sys.modules:
         current = sys.modules["keras"].backend.backend()
         if current != backend:
@@ -168,7 +187,13 @@ def _setup_jax_device(require_gpu: str, deterministic_ops: bool) -> dict:
     info: dict = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "backend": "jax", "jax": jax.__version__}
     if gpus:
         capability = str(getattr(gpus[0], "compute_capability", "") or "0")
-        info.update(kind="GPU", name=gpus[0].device_kind, count=len(gpus), deterministic_ops=deterministic_ops,
+        # XLA's deterministic mode (--xla_gpu_deterministic_ops) refuses to compile the max-pool
+        # gradient (select-and-scatter, google/flax#4233), which most rungs need: not turned on, and
+        # recorded as off, so the same seed may give other numbers on a GPU (docs/reproducibility.md).
+        if deterministic_ops:
+            log.warning("deterministic_ops: not available on JAX GPUs (no deterministic max-pool gradient in XLA); "
+                        "same-seed runs may differ here")  # fmt: skip
+        info.update(kind="GPU", name=gpus[0].device_kind, count=len(gpus), deterministic_ops=False,
                     compute_capability=[int(part) for part in capability.split(".")])  # fmt: skip
     else:
         info.update(kind="CPU", name=cpu_info()[0], count=available_cpus())
@@ -178,10 +203,17 @@ def _setup_jax_device(require_gpu: str, deterministic_ops: bool) -> dict:
 def resolve_precision(requested: str, device: dict, cpu_flags: set[str] | None = None) -> str:
     """The Keras dtype policy for ``requested`` ('auto' or an explicit policy).
 
-    auto: mixed_bfloat16 on GPUs of compute capability >= 8 and on CPUs with bf16
-    instructions (AVX512-BF16, AMX); mixed_float16 (with loss scaling) on older GPUs;
-    float32 otherwise. On JAX's CPU backend float32: XLA's CPU convolutions ran no faster in
-    bfloat16 (model_10, 2-core EPYC with AVX512-BF16: 72-73 img/s either way, issue 27).
+    auto, per backend and device:
+    - TensorFlow on CPUs with bf16 instructions (AVX512-BF16, AMX): mixed_bfloat16 (measured:
+      docs/speed.md, benchmark.md); other CPUs float32.
+    - JAX on CPUs: float32. XLA's CPU convolutions ran no faster in bfloat16 (model_10, 2-core EPYC
+      with AVX512-BF16: 72-73 img/s either way) and its bfloat16 matmuls reach a quarter of
+      oneDNN's (benchmark.py's backends section).
+    - GPUs, both backends: mixed_bfloat16 from compute capability 8 (Ampere) on, mixed_float16
+      (with loss scaling) before. Not measured here (no GPU has run the jobs yet): NVIDIA's
+      guidance, bfloat16 has float32's range, so no loss scaling, on the tensor cores of Ampere
+      and later; Keras' mixed-precision guide names mixed_float16 for GPUs in general. An explicit
+      ``precision`` overrides it where a GPU's bf16 kernels fall short (tensorflow#59050).
     """
     if requested != "auto":
         return requested
