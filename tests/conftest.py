@@ -118,6 +118,20 @@ def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float =
     return proc
 
 
+def side_by_side(commands: dict[str, list[str]], logs: Path, env=None, timeout: float = 900) -> None:
+    """Run the ``commands`` (name -> argv) as processes at once, each logging to ``logs/<name>.log``;
+    fail naming the first that failed, with its log. For independent one-thread jobs: two of them
+    keep both of this 2-core machine's cores busy where one after the other would leave one idle."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, argv in commands.items():
+        with open(logs / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    for name, proc in procs.items():
+        code = proc.wait(timeout=timeout)
+        assert code == 0, f"{name} failed ({code}):\n{(logs / f'{name}.log').read_text()[-4000:]}"
+
+
 def copy_workdir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
     return dst

@@ -19,7 +19,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from conftest import REPO, missing
+from conftest import REPO, missing, side_by_side
 
 REFERENCE = "5720dab6827194fc4c0e9908a95f1c695a8d2ef4"
 TIMING = ["epoch_time", "images_per_s"]
@@ -37,21 +37,29 @@ def _reference_code(root):
     return root / "reference" / "workflow_scripts"
 
 
-def _train_and_evaluate(scripts, data, spec, out, tta):
-    out.mkdir(parents=True)
-    (out / "spec.json").write_text(json.dumps(spec))
-    files = {k: str(out / v) for k, v in (("model", "m.keras"), ("history", "h.csv"), ("info", "i.json"))}
-    subprocess.run([sys.executable, str(scripts / "train.py"), "--data", str(data), "--spec", str(out / "spec.json"),
-                    "--model-out", files["model"], "--history-out", files["history"], "--info-out", files["info"],
-                    "--state-dir", str(out / "state"), "--seed", "2", "--threads", "2"],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
-    subprocess.run([sys.executable, str(scripts / "evaluate.py"), "--data", str(data), "--manifest", str(data.with_suffix(".json")),
-                    "--model", files["model"], "--history", files["history"], "--train-info", files["info"],
-                    "--metrics-out", str(out / "metrics.json"), "--probs-out", str(out / "probs.npz"), "--tta", tta],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
-    metrics = json.loads((out / "metrics.json").read_text())
-    history = pd.read_csv(files["history"]).drop(columns=TIMING)
-    return history, {k: metrics[k] for k in ("test", "val", "kept_epoch", "epochs_run", "stopped_early")}
+def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
+    """Train, then evaluate, each side's code (name -> its workflow_scripts) in processes of their
+    own, the sides side by side with one thread each; return each side's history and metrics."""
+    files = {}
+    for name in sides:
+        out = root / name
+        out.mkdir(parents=True)
+        (out / "spec.json").write_text(json.dumps(spec))
+        files[name] = {k: str(out / v) for k, v in (("model", "m.keras"), ("history", "h.csv"), ("info", "i.json"))}
+    side_by_side({name: [sys.executable, str(scripts / "train.py"), "--data", str(data), "--spec", str(root / name / "spec.json"),
+                         "--model-out", files[name]["model"], "--history-out", files[name]["history"],
+                         "--info-out", files[name]["info"], "--state-dir", str(root / name / "state"), "--seed", "2",
+                         "--threads", "1"] for name, scripts in sides.items()}, root / "train-logs")  # fmt: skip
+    side_by_side({name: [sys.executable, str(scripts / "evaluate.py"), "--data", str(data), "--manifest", str(data.with_suffix(".json")),
+                         "--model", files[name]["model"], "--history", files[name]["history"], "--train-info", files[name]["info"],
+                         "--metrics-out", str(root / name / "metrics.json"), "--probs-out", str(root / name / "probs.npz"),
+                         "--tta", tta, "--threads", "1"] for name, scripts in sides.items()}, root / "evaluate-logs")  # fmt: skip
+    results = {}
+    for name in sides:
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        history = pd.read_csv(files[name]["history"]).drop(columns=TIMING)
+        results[name] = history, {k: metrics[k] for k in ("test", "val", "kept_epoch", "epochs_run", "stopped_early")}
+    return results
 
 
 @pytest.mark.slow
@@ -67,8 +75,7 @@ def test_current_code_matches_the_reference_commit(name, changes, ladder_specs, 
     spec = copy.deepcopy(ladder_specs[name])
     for key, value in changes.items():
         spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
-    tta = spec.get("tta", "none")
-    before = _train_and_evaluate(reference, tiny_data, spec, tmp_path / "before", tta)
-    after = _train_and_evaluate(REPO / "workflow_scripts", tiny_data, spec, tmp_path / "after", tta)
+    runs = _train_and_evaluate({"before": reference, "after": REPO / "workflow_scripts"}, tiny_data, spec, tmp_path, spec.get("tta", "none"))
+    before, after = runs["before"], runs["after"]
     pd.testing.assert_frame_equal(after[0], before[0], check_exact=True)
     assert after[1] == before[1]

@@ -135,7 +135,7 @@ def _job(ladder_specs, name: str, **changes) -> dict:
 
 def _train_cmd(data: Path, spec_file: Path, root: Path) -> list[str]:
     return [sys.executable, str(SCRIPTS / "train.py"), "--data", str(data), "--spec", str(spec_file), "--seed", "1",
-            "--threads", "2", "--model-out", str(root / "model.keras"), "--history-out", str(root / "history.csv"),
+            "--threads", "1", "--model-out", str(root / "model.keras"), "--history-out", str(root / "history.csv"),
             "--info-out", str(root / "info.json"), "--state-dir", str(root / "state")]  # fmt: skip
 
 
@@ -163,22 +163,28 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(k
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     runs = {name: tmp_path / name for name in ("first", "second", "resumed")}
-    for name in ("first", "second") if kind == "early stopping" else ("first",):  # the same seed twice: one kind is enough
-        runs[name].mkdir()
-        proc = subprocess.run(_train_cmd(tiny_data, spec_file, runs[name]), env=jax_env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    if kind == "early stopping":
-        _same_run(runs["first"], runs["second"])
-    info = json.loads((runs["first"] / "info.json").read_text())
-    assert info["backend"] == "jax" and info["device"]["jax"] and info["jit_compile"] is True
-    # Killed after its first checkpoint, mid-way through the next epoch, then rerun.
-    runs["resumed"].mkdir()
+    for run in runs.values():
+        run.mkdir()
+    # Started together (one thread each): the run to kill, and the uninterrupted run(s) to compare.
     with open(runs["resumed"] / "killed.log", "w") as log:
         proc = subprocess.Popen(_train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, stdout=log, stderr=subprocess.STDOUT)
+    whole = ("first", "second") if kind == "early stopping" else ("first",)  # the same seed twice: one kind is enough
+    uninterrupted = {}
+    for name in whole:
+        with open(runs[name] / "job.log", "w") as log:
+            uninterrupted[name] = subprocess.Popen(_train_cmd(tiny_data, spec_file, runs[name]), env=jax_env, stdout=log,
+                                                   stderr=subprocess.STDOUT)  # fmt: skip
+    # Killed after its first checkpoint, mid-way through the next epoch; rerun below.
     wait_for_epoch(runs["resumed"] / "state", 1, proc, timeout=900)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert saved_epoch(runs["resumed"] / "state") >= 1 and not (runs["resumed"] / "model.keras").exists()
+    for name, run in uninterrupted.items():
+        assert run.wait(timeout=900) == 0, f"{name}: {(runs[name] / 'job.log').read_text()[-3000:]}"
+    if kind == "early stopping":
+        _same_run(runs["first"], runs["second"])
+    info = json.loads((runs["first"] / "info.json").read_text())
+    assert info["backend"] == "jax" and info["device"]["jax"] and info["jit_compile"] is True
     proc = subprocess.run(_train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "resuming after epoch" in proc.stderr, proc.stderr[-3000:]
     _same_run(runs["first"], runs["resumed"])
