@@ -243,7 +243,7 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
     out = tmp_path / "benchmark.md"
     result = benchmark.main(
         str(tiny_data), str(out), specs=specs, images=200, rounds=1, processes=1, threads=2,
-        concurrency_jobs=[1, 2],
+        concurrency_jobs=[1, 2], sections=["paths", "concurrency", "backends"],
     )  # fmt: skip
     rows = {row["model"]: row for row in result["models"]}
     assert set(rows) == {"model_17"}
@@ -259,6 +259,14 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
     text = out.read_text()
     assert "| model_17" in text and "pipeline/ceiling" in text and "## Concurrent training jobs" in text
     assert "## Against the machine's peak" in text and "workflow/peak" in text
+    # Both backends side by side, each in its own worker: JAX compiles the whole step (augmentation
+    # included) and trains in float32 on this CPU; TensorFlow keeps the CPU job's settings.
+    backends = {row["backend"]: row for row in result["backends"]}
+    assert list(backends) == ["tensorflow", "jax"] and "## Backends side by side" in text
+    assert backends["jax"]["XLA"] is True and backends["jax"]["precision"] == "float32"
+    assert backends["tensorflow"]["XLA"] is False and backends["tensorflow"]["precision"] == rows["model_17"]["precision"]
+    for row in backends.values():
+        assert row["train img/s"] > 0 and 0 < row["of the bf16 peak"] < 2 and row["bf16 peak GFLOP/s"] > 0
 
 
 def test_keras_speed_times_every_phase_of_each_entry_and_writes_its_report(ladder_specs, tmp_path):

@@ -12,12 +12,14 @@ For each chosen model, on the same images:
   augmentation done as Keras 2's ImageDataGenerator did it (per-image scipy transforms);
 - evaluation: ``predict`` images/s on the test images, workflow path and baseline.
 
-Then the thread budget: 1, 2 and 4 concurrent training jobs, each given the threads
-``snakemake --cores 4`` would give it (4, 2, 1), capped by the job at the CPUs it may use.
+Then the thread budget (section "concurrency"): 1, 2 and 4 concurrent training jobs, each given the
+threads ``snakemake --cores 4`` would give it (4, 2, 1), capped by the job at the CPUs it may use.
+And (section "backends") the training job's path on Keras' TensorFlow and JAX backends side by
+side: one worker process per backend, taking turns epoch by epoch.
 
     python workflow_scripts/benchmark.py --data results/data/cifar10.npz --out reports/benchmark.md \\
-        --specs results/specs/model_10.json results/specs/model_17.json
-    snakemake benchmark     # the same, as a workflow target
+        --specs results/specs/model_10.json results/specs/model_17.json --sections paths concurrency backends
+    snakemake benchmark     # the same, as a workflow target (model_10, model_17, model_18; every section)
 """
 
 from __future__ import annotations
@@ -267,6 +269,129 @@ def concurrency(data: str, spec_path: str, images: int, rounds: int, cores: int,
     return rows
 
 
+ANSWER = "@@ "  # a worker's answers start with this; Keras or a backend may print other lines
+
+
+def backend_worker(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str) -> None:
+    """``--worker``: the training job's path on the backend KERAS_BACKEND names, in a process of its
+    own (Keras fixes its backend per process), driven over stdin. One ``fit`` of 1 + ``rounds`` epochs
+    (one fit, as a job runs one per phase: on JAX a second fit of a model with a weight average
+    fails, docs/speed.md): after the untimed first epoch it answers its settings, then waits for
+    ``epoch`` before each timed epoch and answers its img/s; then ``peak`` measures the bfloat16 and
+    float32 matmul peaks. Each answer is one JSON line."""
+    import os
+
+    runtime.select_backend(os.environ.get("KERAS_BACKEND", "tensorflow"))
+    (spec,) = _load([spec_path]).values()
+    with np.load(data) as arrays:
+        x, y = arrays["x_train"][:images], arrays["y_train"][:images]
+    settings = runtime.prepare(threads, precision, spec.get("jit_compile", "auto"), seed=0)
+    import keras
+
+    from cnnstudy import datasets, flops, models
+
+    batch = spec["batch_size"]
+    steps = len(x) // batch
+    x, y = x[: steps * batch], y[: steps * batch]
+    model = models.compile_model(models.build_model(spec, train_images=x), spec, steps, settings["jit_compile"])
+
+    def answer(**values):
+        print(ANSWER + json.dumps(values), flush=True)
+
+    class Turns(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch > 0 and sys.stdin.readline().strip() != "epoch":
+                raise JobError("the benchmark's coordinator stopped asking for epochs")
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            float(logs["loss"])  # waits for the epoch's last step on an asynchronous backend
+            seconds = time.perf_counter() - self.start
+            if epoch == 0:  # the warm-up: tracing, compilation, thread pools
+                answer(backend=keras.backend.backend(), precision=settings["precision"], XLA=bool(self.model.jit_compile),
+                       batch=batch, threads=settings["threads"]["intra_op"], images=len(x), warm_up_s=seconds,
+                       train_flops=flops.TRAIN_FACTOR * flops.forward_flops(self.model))  # fmt: skip
+            else:
+                answer(rate=len(x) / seconds)
+
+    batches = datasets.training_batches(x, y, batch, seed=0, epochs=1 + rounds)
+    model.fit(batches, steps_per_epoch=steps, epochs=1 + rounds, callbacks=[Turns()], shuffle=False, verbose=0)
+    if sys.stdin.readline().strip() == "peak":
+        answer(**{dtype: flops.matmul_peak(dtype) for dtype in ("bfloat16", "float32")})
+
+
+class Worker:
+    """A backend_worker process, asked one thing at a time."""
+
+    def __init__(self, backend: str, args: list[str], log_path: Path):
+        import os
+
+        self.backend, self.log_path = backend, log_path
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "benchmark.py"), "--worker", *args],
+                                     env={**os.environ, "KERAS_BACKEND": backend}, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=open(log_path, "w"))  # fmt: skip
+
+    def ask(self, command: str | None = None) -> dict:
+        if command:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(ANSWER):
+                return json.loads(line[len(ANSWER) :])
+        self.proc.wait()
+        raise JobError(f"the {self.backend} worker ended ({self.proc.returncode}) without an answer: "
+                       f"{self.log_path.read_text()[-2000:]}")  # fmt: skip
+
+    def close(self) -> None:
+        """End of input ends the worker; one that does not end within a minute is killed."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def compare_backends(data: str, spec_path: str, backends: list[str], images: int, rounds: int, threads: int,
+                     precision: str, scratch: Path) -> list[dict]:  # fmt: skip
+    """The training job's path of one entry on each backend, in one worker process per backend, started
+    together; after each worker's untimed warm-up epoch they take turns, epoch by epoch, ``rounds``
+    times (so a slow spell of this machine falls on every backend alike); then each measures its
+    matmul peaks. One row per backend: median img/s and the fraction of the machine's bfloat16 peak
+    (the higher of the backends' measured bfloat16 peaks)."""
+    args = ["--data", data, "--specs", spec_path, "--images", str(images), "--rounds", str(rounds), "--threads", str(threads),
+            "--precision", precision]  # fmt: skip
+    (name,) = _load([spec_path])
+    workers = [Worker(backend, args, scratch / f"{name}-{backend}.log") for backend in backends]
+    try:
+        ready = [worker.ask() for worker in workers]
+        rates = [[] for _ in workers]
+        for _ in range(rounds):
+            for worker, got in zip(workers, rates):
+                got.append(worker.ask("epoch")["rate"])
+        peaks = [worker.ask("peak") for worker in workers]
+    finally:
+        for worker in workers:
+            worker.close()
+    machine_bf16 = max(peak["bfloat16"] for peak in peaks)
+    rows = []
+    for first, got, peak in zip(ready, rates, peaks):
+        rate = float(np.median(got))
+        rows.append({
+            "model": name, "backend": first["backend"], "precision": first["precision"], "XLA": first["XLA"],
+            "batch size": first["batch"], "threads": first["threads"], "train img/s": rate,
+            "each epoch img/s": [round(r) for r in got], "warm-up s": first["warm_up_s"],
+            "train GFLOP/s": first["train_flops"] * rate / 1e9,
+            "of the bf16 peak": first["train_flops"] * rate / machine_bf16,
+            "bf16 peak GFLOP/s": peak["bfloat16"] / 1e9, "f32 peak GFLOP/s": peak["float32"] / 1e9,
+        })  # fmt: skip
+        log.info("%s", json.dumps(rows[-1]))
+    return rows
+
+
+SECTIONS = ("paths", "concurrency", "backends")
+
+
 def main(
     data: str,
     out: str | None = None,
@@ -279,9 +404,12 @@ def main(
     concurrency_cores: int = 4,
     concurrency_jobs: list[int] = (1, 2, 4),
     measure: str | None = None,
+    sections: list[str] = ("paths", "concurrency"),
+    backends: list[str] = ("tensorflow", "jax"),
+    worker: bool = False,
 ) -> dict:
-    import pandas as pd
-
+    if worker:  # one backend's worker process (see compare_backends)
+        return backend_worker(data, specs[0], images, rounds, threads, precision)
     if measure:  # one measurement, in its own process (see _spawn)
         result = measure_paths(data, specs[0], measure.split(","), images, rounds, threads, precision)
         print(json.dumps(result), flush=True)
@@ -292,14 +420,51 @@ def main(
         raise FileNotFoundError(f"benchmark data not found: {data}: run the preprocess rule first")
     if not specs:
         raise JobError("no --specs given: name the models' spec files (results/specs/<model>.json)")
-    names = list(_load(specs))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise JobError(f"unknown benchmark section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    results, text = {}, [_header(images, threads, rounds)]
+    if "paths" in sections:
+        results["models"] = [measure_model(data, path, images, rounds, threads, precision, processes) for path in specs]
+        text += _paths_section(results["models"], data, processes, rounds)
+    if "concurrency" in sections:
+        results["concurrency"] = concurrency(data, specs[0], images, rounds, concurrency_cores, precision, concurrency_jobs)
+        text += _concurrency_section(results["concurrency"], next(iter(_load(specs[:1]))), images, concurrency_cores)
+    if "backends" in sections:
+        import tempfile
+
+        results["backends"] = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for path in specs:
+                results["backends"] += compare_backends(data, path, backends, images, rounds, threads, precision, Path(scratch))
+        text += _backends_section(results["backends"], images, rounds)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text("\n".join(text))
+    log.info("wrote %s\n%s", out, "\n".join(text))
+    return results
+
+
+def _header(images: int, threads: int, rounds: int) -> str:
+    device = runtime.setup_device()  # this (TensorFlow) process: what the machine is
     intra = min(threads, runtime.available_cpus())
-    rows = [measure_model(data, path, images, rounds, threads, precision, processes) for path in specs]
-    conc = concurrency(data, specs[0], images, rounds, concurrency_cores, precision, concurrency_jobs)
-    concurrency_model = names[0]
     import tensorflow as tf
 
-    device = runtime.setup_device()
+    return "\n".join([
+        "# Throughput benchmark",
+        "",
+        f"Generated by `workflow_scripts/benchmark.py` on {time.strftime('%Y-%m-%d %H:%M')}: {device['kind']} "
+        f"{device['name']} ({runtime.available_cpus()} CPUs usable, TensorFlow {tf.__version__}, "
+        f"{intra} intra-op threads), {images} training images. Absolute figures are this machine's on "
+        "this day (a small VM's speed varies by up to 2x from day to day); compare ratios within one row "
+        f"or one table, whose figures come from processes that took turns (medians of {rounds} epochs after "
+        "an untimed warm-up epoch).",
+        "",
+    ])  # fmt: skip
+
+
+def _paths_section(rows: list[dict], data: str, processes: int, rounds: int) -> list[str]:
+    import pandas as pd
+
     with np.load(data) as arrays:
         n_test = len(arrays["x_test"])
     table = pd.DataFrame(rows)[
@@ -307,25 +472,17 @@ def main(
          "baseline img/s", "workflow/baseline", "eval img/s", "baseline eval img/s", "workflow img/s, each process"]
     ]  # fmt: skip
     peak_columns = [c for c in rows[0] if "FLOP" in c or "peak" in c]
-    peak_table = pd.DataFrame(rows)[["model", *peak_columns]]
-    text = "\n".join([
-        "# Throughput benchmark",
+    return [
+        "## Training paths",
         "",
-        f"Generated by `workflow_scripts/benchmark.py` on {time.strftime('%Y-%m-%d %H:%M')}: {device['kind']} "
-        f"{device['name']} ({runtime.available_cpus()} CPUs usable, TensorFlow {tf.__version__}, "
-        f"{intra} intra-op threads), {images} training images. Each model runs in {processes} fresh "
-        f"processes; in each, the three paths take turns for {rounds} epochs (medians reported) after an "
-        "untimed warm-up epoch, so they share whatever speed that process got (on a small VM a TensorFlow "
-        "process can land in a slow mode for its whole life); the process with the fastest workflow path is "
-        "kept. Concurrent jobs: one process each, as in a real run. Absolute figures are this machine's on "
-        "this day (a small VM's speed varies by up to 2x from day to day); compare ratios within one row.",
-        "",
-        "Training images/s: *workflow* is the training job's own path (tf.data, in-model augmentation, "
+        f"Each model runs in {processes} fresh processes; in each, the three paths take turns for {rounds} "
+        "epochs, so they share whatever speed that process got (on a small VM a TensorFlow process can land "
+        "in a slow mode for its whole life); the process with the fastest workflow path is kept. Training "
+        "images/s: *workflow* is the training job's own path (tf.data, in-model augmentation, "
         "the precision the job picks); *ceiling* feeds the same model the same images as ready-made batches "
         "cached in memory (no shuffling or gathering); *baseline* is the study's way (float32, `model.fit` on "
         "numpy with per-image scipy augmentation, as Keras 2's ImageDataGenerator did it). Goals: "
-        "pipeline/ceiling >= 0.95, workflow/baseline >= 2. Evaluation: `predict` "
-        f"on the {n_test} test images.",
+        f"pipeline/ceiling >= 0.95, workflow/baseline >= 2. Evaluation: `predict` on the {n_test} test images.",
         "",
         table.to_markdown(index=False, floatfmt=".2f"),
         "",
@@ -334,23 +491,44 @@ def main(
         "Training FLOPs per image are counted from the model's layers (cnnstudy/flops.py): the multiply-adds of "
         "convolutions and dense layers, 2 FLOPs each, times 3 for a training step (forward, input gradient, "
         "weight gradient); elementwise work is not counted. The peak is the sustained rate of large square "
-        "`tf.linalg.matmul`s (2048x2048, bfloat16 and float32), measured in the same process right after the "
+        "`keras.ops.matmul`s (2048x2048, bfloat16 and float32), measured in the same process right after the "
         "training rows. workflow/peak: the workflow path's training FLOP/s over the peak of its precision.",
         "",
-        peak_table.to_markdown(index=False, floatfmt=".3f"),
+        pd.DataFrame(rows)[["model", *peak_columns]].to_markdown(index=False, floatfmt=".3f"),
         "",
-        f"## Concurrent training jobs ({concurrency_model}, workflow path, {images} images each)",
+    ]  # fmt: skip
+
+
+def _concurrency_section(rows: list[dict], model: str, images: int, cores: int) -> list[str]:
+    import pandas as pd
+
+    return [
+        f"## Concurrent training jobs ({model}, workflow path, {images} images each)",
         "",
-        f"Jobs given the threads `snakemake --cores {concurrency_cores}` would give them; each job caps "
-        "TensorFlow's intra-op threads at the CPUs it may use.",
+        f"Jobs given the threads `snakemake --cores {cores}` would give them, one process each, as in a real "
+        "run; each job caps TensorFlow's intra-op threads at the CPUs it may use.",
         "",
-        pd.DataFrame(conc).to_markdown(index=False, floatfmt=".1f"),
+        pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"),
         "",
-    ])  # fmt: skip
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(text)
-    log.info("wrote %s\n%s", out, text)
-    return {"models": rows, "concurrency": conc}
+    ]
+
+
+def _backends_section(rows: list[dict], images: int, rounds: int) -> list[str]:
+    import pandas as pd
+
+    return [
+        f"## Backends side by side (training job's path, {images} images)",
+        "",
+        "Keras fixes its backend per process, so each backend runs in a worker process of its own, both "
+        "started together; after an untimed warm-up epoch (tracing, XLA compilation) they take turns, one "
+        f"epoch each, {rounds} times, and the median is shown. Each uses what the training job would: tf.data "
+        "and the CPU's precision policy on TensorFlow, NumPy batches (`datasets.epoch_batches`) with XLA "
+        "on JAX, same batches. *of the bf16 peak*: training FLOP/s over the higher of the two backends' "
+        "measured bfloat16 matmul peaks, the machine's.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"),
+        "",
+    ]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -367,7 +545,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--concurrency-cores", type=int, default=4)
     p.add_argument("--concurrency-jobs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sections", nargs="+", default=["paths", "concurrency"], choices=SECTIONS,
+                   help="what to measure: the three training paths (and the peak), concurrent jobs, backends side by side")  # fmt: skip
+    p.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=list(runtime.BACKENDS),
+                   help="the Keras backends the backends section compares")  # fmt: skip
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: comma-separated paths, one process
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: compare_backends' worker
     return p
 
 

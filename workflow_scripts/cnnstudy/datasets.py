@@ -92,6 +92,17 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
     return EpochBatches()
 
 
+def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0, epochs: int = 1,
+                     drop_last: bool = False, alternating_flip: bool = False):  # fmt: skip
+    """A training fit's batches on the backend Keras runs: train_dataset (tf.data) on TensorFlow,
+    epoch_batches (NumPy, no TensorFlow import) elsewhere; the same batches either way."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return train_dataset(x, y, batch_size, seed, first_epoch, epochs, drop_last, alternating_flip)
+    return epoch_batches(x, y, batch_size, seed, first_epoch, drop_last, alternating_flip)
+
+
 def images_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
     return n - n % batch_size if drop_last else n
 

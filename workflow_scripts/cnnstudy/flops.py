@@ -44,23 +44,24 @@ def forward_flops(model) -> int:
 
 
 def matmul_peak(dtype: str, size: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained FLOP/s of large square ``tf.linalg.matmul``s in ``dtype`` (2 n^3 FLOPs each)."""
-    import tensorflow as tf
+    """Sustained FLOP/s of chained ``size``-square ``keras.ops.matmul``s in ``dtype`` (2 n^3 FLOPs
+    each), on whichever backend and device Keras runs in this process."""
+    import keras
+    from keras import ops
 
-    a = tf.random.stateless_normal((size, size), seed=[1, 2], dtype=tf.float32)
-    a = tf.cast(a, dtype)
+    a = ops.cast(keras.random.normal((size, size), seed=1) / size**0.5, dtype)  # scaled: values stay finite
 
-    @tf.function
-    def chain(x, steps):
-        for _ in tf.range(steps):
-            x = tf.linalg.matmul(x, a) * tf.cast(1.0 / size, dtype)  # scaled: values stay finite
-        return x
+    def chain(steps: int) -> float:
+        x = a
+        for _ in range(steps):
+            x = ops.matmul(x, a)
+        return float(ops.convert_to_numpy(ops.cast(x[0, 0], "float32")))  # waits for the device
 
-    chain(a, tf.constant(2)).numpy()  # trace and warm up
+    chain(2)  # warm-up
     steps, start = 2, time.perf_counter()
     while True:
         begin = time.perf_counter()
-        chain(a, tf.constant(steps)).numpy()
+        chain(steps)
         elapsed = time.perf_counter() - begin
         if time.perf_counter() - start > seconds or elapsed > seconds / 3:
             return 2 * size**3 * steps / elapsed

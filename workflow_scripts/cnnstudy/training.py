@@ -277,8 +277,7 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         try:
             flip = spec.get("alternating_flip", False)
             model.fit(
-                datasets.train_dataset(x, y, batch, seed, first, last, drop_last, flip) if tf_data
-                else datasets.epoch_batches(x, y, batch, seed, first, drop_last, flip),
+                datasets.training_batches(x, y, batch, seed, first, last, drop_last, flip),
                 steps_per_epoch=steps,
                 validation_data=val_ds,
                 validation_batch_size=None if tf_data else batch,
