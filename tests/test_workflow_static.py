@@ -84,3 +84,20 @@ def test_verify_published_plans_one_job_per_published_run_only_when_asked(tmp_pa
 
 def _published(repo) -> list[str]:
     return [p.stem for p in (repo / "reports" / "study" / "metrics").glob("*_seed*.json")]
+
+
+def test_the_readme_layout_names_every_folder_profile_and_script():
+    """The README's layout block names every top-level folder in git and every profile; every script
+    in workflow_scripts/ is a rule's (rules/*.smk) or one of the tools the layout lists."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {path.split("/")[0] for path in tracked if "/" in path}
+    assert folders, "git ls-files listed nothing"
+    assert [f for f in sorted(folders) if f"{f}/" not in layout] == []
+    profiles = re.search(r"^profiles/\s+(.*)$", layout, re.M)[1]
+    assert [p.name for p in (REPO / "profiles").iterdir() if p.is_dir() and p.name not in profiles] == []
+    used = set(re.findall(r'script\("(\w+\.py)"\)', "".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))))
+    tools = set(re.search(r"on-demand tools\s+([\w, ]+)", layout)[1].replace(",", " ").split())
+    scripts = {p.name for p in (REPO / "workflow_scripts").glob("*.py")}
+    assert scripts - used == {f"{t}.py" for t in tools}, (scripts - used, tools)
