@@ -207,8 +207,8 @@ def resolve_precision(requested: str, device: dict, cpu_flags: set[str] | None =
     - TensorFlow on CPUs with bf16 instructions (AVX512-BF16, AMX): mixed_bfloat16 (measured:
       docs/speed.md, benchmark.md); other CPUs float32.
     - JAX on CPUs: float32. XLA's CPU convolutions ran no faster in bfloat16 (model_10, 2-core EPYC
-      with AVX512-BF16: 72-73 img/s either way) and its bfloat16 matmuls reach a quarter of
-      oneDNN's (benchmark.py's backends section).
+      with AVX512-BF16: 72-73 img/s either way); its bfloat16 matmuls ran at a third of oneDNN's
+      and below its own float32 ones (116-128 against 362-403 and 170-186 GFLOP/s: docs/speed.md).
     - GPUs, both backends: mixed_bfloat16 from compute capability 8 (Ampere) on, mixed_float16
       (with loss scaling) before. Not measured here (no GPU has run the jobs yet): NVIDIA's
       guidance, bfloat16 has float32's range, so no loss scaling, on the tensor cores of Ampere
