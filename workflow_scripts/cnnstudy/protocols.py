@@ -68,14 +68,15 @@ def fit_spec(spec: dict) -> dict:
 def splits(arrays, protocol: str, with_test: bool):
     """(train, val, test) of a preprocessed .npz under ``protocol``: images with one-hot labels
     for train and val (None: no validation), test as images with integer labels (or None)."""
-    train, val = (arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"])
-    test = (arrays["x_test"], arrays["labels_test"])
-    if protocol == "holdout":
-        return train, val, test if with_test else None
     if protocol not in PROTOCOLS:
         raise JobError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    train, val = (arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"])
+    # The test images are read only where they are used (an .npz member is read when indexed).
+    test = (arrays["x_test"], arrays["labels_test"]) if with_test or protocol == "study" else None
+    if protocol == "holdout":
+        return train, val, test
     everything = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
     if protocol == "refit":
-        return everything, None, test if with_test else None
+        return everything, None, test
     one_hot = np.eye(train[1].shape[1], dtype=train[1].dtype)[test[1]]
     return everything, (test[0], one_hot), test if with_test else None
