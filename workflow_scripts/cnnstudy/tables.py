@@ -1,7 +1,7 @@
 """The report's tables: one registry, read by the rules (which files) and by report.py (how).
 
 A table is one ``Table`` in ``REGISTRY``: its file name, title, caption file
-(reports/captions/<caption>.rst), the inputs it needs, and a builder that returns a numeric
+(reports/captions/<caption>.rst), and a builder that returns a numeric
 DataFrame (what the CSV holds), the columns to show (label, digits, the column holding the
 ± spread) and its footnote. ``display`` is the one formatting pass for Markdown, LaTeX and
 HTML. Adding a table is one entry here and its caption file.
@@ -49,7 +49,6 @@ class Table:
     title: str
     caption: str
     build: Callable[[Inputs], tuple[pd.DataFrame, list[Column], str]]
-    needs: tuple[str, ...] = ("metrics",)  # rule inputs beyond the entries: metrics, probs, benchmarks
     wanted: Callable[[dict], bool] = lambda models: True  # written for these entries (else not an output)
 
 
@@ -505,13 +504,13 @@ REGISTRY = [
     Table("table1", "Table 1 - Custom CNNs (the study's ladder)", "table", ladder_table(1)),
     Table("table2", "Table 2 - Transfer learning", "table", ladder_table(2)),
     Table("table3", "Table 3 - The models: what changes from rung to rung", "table3", annex_table),
-    Table("table4", "Table 4 - Did each step help? Paired tests on the test set", "table4", steps_table, ("metrics", "probs")),
+    Table("table4", "Table 4 - Did each step help? Paired tests on the test set", "table4", steps_table),
     Table("sweeps", "Sweeps: every point, mean ± std over seeds", "sweeps", sweep_table),
     Table("compare", "All runs compared: what differs, sorted by validation accuracy", "compare", compare_table),
     Table("protocols", "Protocols: the study's number and ours, trained and selected three ways", "protocols", protocols_table,
           wanted=has_protocols),
     Table("provenance", "Provenance of every result", "provenance", provenance_table),
-    Table("benchmarks", "Benchmarks: wall time and peak memory per job", "benchmarks", benchmark_table, ("metrics", "benchmarks")),
+    Table("benchmarks", "Benchmarks: wall time and peak memory per job", "benchmarks", benchmark_table),
 ]
 BY_NAME = {t.name: t for t in REGISTRY}
 
