@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cnnstudy import cli, runtime
+from cnnstudy import cli
 from cnnstudy.files import write_json
 
 
@@ -35,4 +35,4 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser(), unused=runtime.STARTUP_EXTRAS))
+    sys.exit(cli.run(main, parser()))

@@ -15,7 +15,7 @@ BACKENDS = ("tensorflow", "jax")
 
 # Packages that TensorFlow and Keras import at start-up whenever they are installed, each behind an
 # `except ImportError`: TF Lite imports jax, Keras' scikit-learn wrapper sklearn, its image gallery
-# matplotlib. A job process that never uses one refuses it (cli.run(..., unused=...)), which saves
+# matplotlib. A train or evaluate job refuses the ones it never uses (cli.run(..., unused=...)), which saves
 # seconds of every job's start-up: `import tensorflow, keras` took 6.5 s with them, 4.2 s with all
 # three refused (median of 3 each, 2-core EPYC, 2026-12-04). Test processes calling main() refuse nothing.
 STARTUP_EXTRAS = ("jax", "sklearn", "matplotlib")
