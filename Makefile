@@ -47,7 +47,7 @@ test: setup
 
 # Publish a (finished or running) study run's small outputs into reports/study/, for git.
 publish: setup
-	python workflow_scripts/publish.py --results $(RESULTS) --out reports/study  # RESULTS may list several
+	python tools/publish.py --results $(RESULTS) --out reports/study  # RESULTS may list several
 
 # One job per run, each with the thread count and precision its provenance records; a run that
 # differs fails the command with its run, epoch and column (the job's log is shown).
@@ -56,8 +56,9 @@ verify-published: setup
 	snakemake verify_published --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS) --configfile presets/protocols.yaml \
 	    --config $(DATA_ITEM) results_dir=$(RESULTS) run_models=null 'verify={runs: [$(RUNS)], epochs: $(EPOCHS)}'
 	$(if $(RECORD),python workflow_scripts/verify_published.py record --published reports/study \
-	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python workflow_scripts/publish.py --refresh reports/study)
+	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python tools/publish.py --refresh reports/study)
 
 lint: setup
 	snakemake --lint
 	snakefmt --check .
+	ruff check .

@@ -169,6 +169,7 @@ def tiny_data(tmp_path_factory, fake_archive) -> Path:
 @pytest.fixture(scope="session")
 def ladder_specs() -> dict:
     import yaml
+
     from cnnstudy import configuration
 
     with open(REPO / "config.yaml") as fh:
@@ -181,6 +182,7 @@ def tiny_run(tmp_path_factory, tiny_prepared):
     import copy
 
     import yaml
+
     from cnnstudy import configuration
 
     mirror = require_mirror()

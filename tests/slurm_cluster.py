@@ -145,7 +145,7 @@ StorageLoc=slurm_acct_db
         link.symlink_to(self.root / "slurm.conf")
         self.linked = True
 
-    def start(self, timeout: float = 180) -> "Cluster":
+    def start(self, timeout: float = 180) -> Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_configs()
         self._link_default_config()
@@ -197,7 +197,7 @@ StorageLoc=slurm_acct_db
             ["sacct", "-a", "-X", "-P", "-n", "--format=" + ",".join(fields)],
             env=self.env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line]
+        return [dict(zip(fields, line.split("|"), strict=False)) for line in out.splitlines() if line]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -56,7 +57,7 @@ def _log_span(log_path):
 def test_local_gpu_resource_limits_concurrent_training(sweep_run):
     """Three one-thread training jobs on two cores under --resources gpu=1 (the sweep run) never overlap."""
     spans = sorted(_log_span(sweep_run["results"] / f"logs/train/{m}/seed_0.log") for m in ["model_01", *SWEEP_POINTS])
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, f"training jobs overlapped with gpu=1: {spans}"
 
 

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import yaml
+
 from cnnstudy import configuration
 from cnnstudy.errors import ConfigError
 

@@ -8,6 +8,7 @@ import download
 import numpy as np
 import preprocess
 import pytest
+
 from cnnstudy import cifar
 from cnnstudy.errors import JobError
 

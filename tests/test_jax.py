@@ -24,7 +24,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, SCRIPTS, TINY, TWO_AT_ONCE, copy_workdir, require_mirror, saved_epoch, snakemake, wait_for_epoch
+from conftest import (
+    REPO,
+    SCRIPTS,
+    TINY,
+    TWO_AT_ONCE,
+    copy_workdir,
+    require_mirror,
+    saved_epoch,
+    snakemake,
+    wait_for_epoch,
+)
 
 BLOCK_TENSORFLOW = textwrap.dedent('''
     import os, sys
@@ -151,7 +161,7 @@ def _same_run(a: Path, b: Path) -> None:
     ha, hb = (pd.read_csv(r / "history.csv").drop(columns=timing) for r in (a, b))
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
     wa, wb = _weights(a / "model.keras"), _weights(b / "model.keras")
-    assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
+    assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
 
 
 @pytest.mark.slow

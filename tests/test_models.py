@@ -7,6 +7,7 @@ import copy
 import keras
 import pytest
 import yaml
+
 from cnnstudy import configuration, models, optimizers
 
 from conftest import REPO
@@ -125,5 +126,5 @@ def test_batchnorm_momentum_applies_where_a_layer_sets_none(ladder):
     spec["layers"] = [*spec["layers"], {"BatchNormalization": {"momentum": 0.5}}]
     moms = [layer.momentum for layer in models.build_model(spec).layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert moms == [0.9, 0.9, 0.9, 0.5]
-    default = [l.momentum for l in models.build_model(ladder["model_10"]).layers if isinstance(l, keras.layers.BatchNormalization)]
+    default = [x.momentum for x in models.build_model(ladder["model_10"]).layers if isinstance(x, keras.layers.BatchNormalization)]
     assert default == [0.99, 0.99, 0.99]

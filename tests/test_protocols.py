@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from cnnstudy import configuration, protocols
 
 from conftest import REPO, TINY, TWO_AT_ONCE, copy_workdir, require_mirror, snakemake
@@ -145,10 +146,10 @@ def test_refit_and_study_runs_stay_out_of_the_holdout_tables_and_fill_the_protoc
     assert set(table4["model"]) | set(table4["compared_to"]) == {REFERENCE, HOLDOUT}
     assert set(pd.read_csv(reports / "compare.csv")["model"]) == {REFERENCE, HOLDOUT}
     table = pd.read_csv(reports / "protocols.csv")
-    assert list(zip(table["model"], table["protocol"], table["entry"])) == [
+    assert list(zip(table["model"], table["protocol"], table["entry"], strict=True)) == [
         (HOLDOUT, "holdout", HOLDOUT), (HOLDOUT, "refit", REFIT), (HOLDOUT, "study", STUDY)]  # fmt: skip
     assert (table["n"] == 1).all() and table["test_selected"].tolist() == [False, False, True]
-    test = {p: protocols_run["read"]("metrics", e)["test"]["accuracy"] for p, e in zip(table["protocol"], table["entry"])}
+    test = {p: protocols_run["read"]("metrics", e)["test"]["accuracy"] for p, e in zip(table["protocol"], table["entry"], strict=True)}
     assert table.set_index("protocol")["test_accuracy_mean"].to_dict() == pytest.approx(test)
     shown = (reports / "protocols.md").read_text()
     assert "study (test-selected)" in shown and shown.count("none (trained on it)") == 2
@@ -176,6 +177,7 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     import shutil
 
     import publish
+
     from cnnstudy.errors import JobError
 
     results = protocols_run["results"]

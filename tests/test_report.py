@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from cnnstudy import models as _registers_custom_layers  # noqa: F401
 from cnnstudy.errors import JobError
 
@@ -194,6 +195,14 @@ def test_the_results_page_shows_the_seed_spread_as_training_noise(seeds_run, tmp
     for seed in (0, 1):
         m = json.loads((seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{seed}" / "metrics.json").read_text())
         assert f"seed {seed}: stopped after {m['epochs_run']}, kept epoch {m['kept_epoch']['epoch']}, " in readme
+    # The machine and precision, as the runs' provenance records them (this machine's).
+    device = m["provenance"]["device"]
+    ran_on = f"a {device['count']}-core CPU ({device['name']})" if device["kind"] == "CPU" else f"a {device['kind']} ({device['name']})"
+    assert f"- **Precision.** {m['provenance']['precision']} on {ran_on};" in readme
+    assert f"every run here trained on {ran_on};" in readme
+    gpu = {"provenance": {"device": {"kind": "GPU", "name": "NVIDIA H200", "count": 1}, "precision": "mixed_float16"}}
+    assert publish.machines([gpu, m, gpu]) == f"a GPU (NVIDIA H200) and {ran_on}"
+    assert publish.precisions([gpu, m]) == ", ".join(sorted({"mixed_float16", m["provenance"]["precision"]}))
 
 
 def test_the_tables_target_regenerates_the_tables_alone(seeds_run):
@@ -248,6 +257,7 @@ def test_results_trained_by_other_code_are_marked(tiny_run, tmp_path):
 def test_a_new_table_is_one_registry_entry(tiny_run, tmp_path, monkeypatch):
     """Register a table (name, title, caption, builder): report.py writes it in every format."""
     import report
+
     from cnnstudy import tables
 
     def sizes(inputs):
@@ -312,6 +322,7 @@ def test_a_step_is_differenced_over_every_pair_of_training_runs():
 def test_the_results_page_names_every_claimed_step_within_training_noise():
     """A sign that changes between pairs of runs is named, whether the study's claim held for seed 0 or not."""
     import publish
+
     from cnnstudy import stats
 
     accuracy = {("a", 0): 0.70, ("b", 0): 0.80, ("b", 1): 0.68, ("b", 2): 0.81,
@@ -353,23 +364,23 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
 
 def test_the_forest_plot_marks_every_pair_of_training_runs(tmp_path, monkeypatch):
     """Table 4's forest plot, drawn from its CSV: each pair of runs of a multi-seed step as a mark."""
-    import plots
-    from cnnstudy import stats
+    from cnnstudy import figures, stats
 
     accuracy = {("a", 0): 0.80, ("b", 0): 0.82, ("b", 1): 0.78}
     correct = {run: np.arange(1000) < round(acc * 1000) for run, acc in accuracy.items()}
     runs = pd.DataFrame([{"model": m, "seed": s, "test_accuracy": a} for (m, s), a in accuracy.items()])
     stats.steps_frame({"a": {}, "b": {"base": "a"}}, runs, correct).to_csv(tmp_path / "table4.csv", index=False)
     drawn = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
-    plots.forest(pd.read_csv(tmp_path / "table4.csv"), tmp_path / "forest.png")
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    figures.forest(pd.read_csv(tmp_path / "table4.csv"), tmp_path / "forest.png")
     marks = [line for line in drawn[0].axes[0].get_lines() if line.get_gid() == "run_pairs"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == pytest.approx([0.02, -0.02])
 
 
 def test_paired_statistics_come_from_scipy_and_statsmodels():
-    from cnnstudy import stats
     from statsmodels.stats.contingency_tables import mcnemar
+
+    from cnnstudy import stats
 
     rng = np.random.default_rng(0)
     ref = rng.random(2000) < 0.80

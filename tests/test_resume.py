@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import train
+
 from cnnstudy import checkpoint, predict, training
 
 from conftest import SCRIPTS, saved_epoch, side_by_side, wait_for_epoch
@@ -117,10 +118,10 @@ def test_evaluated_weights_swap_in_the_average_and_restore_exactly():
     assert len(pairs) == 2
     raw = [v.numpy().copy() for v, _ in pairs]
     averages = [a.numpy().copy() for _, a in pairs]
-    assert not all(np.array_equal(r, a) for r, a in zip(raw, averages))
+    assert not all(np.array_equal(r, a) for r, a in zip(raw, averages, strict=True))
     with predict.evaluated_weights(model):
-        assert all(np.array_equal(v.numpy(), a) for (v, _), a in zip(pairs, averages))
-    assert all(np.array_equal(v.numpy(), r) for (v, _), r in zip(pairs, raw))
+        assert all(np.array_equal(v.numpy(), a) for (v, _), a in zip(pairs, averages, strict=True))
+    assert all(np.array_equal(v.numpy(), r) for (v, _), r in zip(pairs, raw, strict=True))
     assert predict.ema_pairs(keras.optimizers.SGD()) == []
 
 
@@ -193,14 +194,14 @@ def _evaluate(data, outs, tta) -> dict:
 
 
 def assert_identical(data, reference: dict, resumed: dict, tta: str) -> None:
-    columns = lambda h: h.drop(columns=list(train.TIMING_COLUMNS))  # noqa: E731
+    columns = lambda h: h.drop(columns=list(training.TIMING_COLUMNS))  # noqa: E731
     expected, got = pd.read_csv(reference["history_out"]), pd.read_csv(resumed["history_out"])
     pd.testing.assert_frame_equal(columns(got), columns(expected), check_exact=True)
     info = [json.loads(Path(o["info_out"]).read_text()) for o in (reference, resumed)]
     assert info[1]["kept_epoch"] == info[0]["kept_epoch"] and info[1]["stopped_early"] == info[0]["stopped_early"]
     weights = [keras.saving.load_model(o["model_out"]).get_weights() for o in (reference, resumed)]
     assert len(weights[0]) == len(weights[1])
-    assert all(np.array_equal(a, b) for a, b in zip(*weights)), "saved weights differ"
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True)), "saved weights differ"
     assert _evaluate(data, resumed, tta) == _evaluate(data, reference, tta)
     assert not Path(resumed["state_dir"]).exists()
 
@@ -253,6 +254,6 @@ def test_same_seed_same_run_other_seed_other_run(tiny_data, ladder_specs, tmp_pa
     for label, seed in (("a", 0), ("b", 0), ("c", 1)):
         outs = _outs(tmp_path / label)
         train.main(str(tiny_data), spec, **outs, seed=seed, threads=2)
-        runs[label] = pd.read_csv(outs["history_out"]).drop(columns=list(train.TIMING_COLUMNS))
+        runs[label] = pd.read_csv(outs["history_out"]).drop(columns=list(training.TIMING_COLUMNS))
     pd.testing.assert_frame_equal(runs["a"], runs["b"], check_exact=True)
     assert not runs["a"]["loss"].equals(runs["c"]["loss"])

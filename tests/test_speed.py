@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import train
+from test_train import _outputs
+
 from cnnstudy import datasets, layers, models, optimizers, predict, runtime
 from cnnstudy.errors import ConfigError
-
-from test_train import _outputs
 
 CPU = {"kind": "CPU", "name": "test CPU"}
 
@@ -62,7 +62,7 @@ def test_mixed_precision_models_output_float32(ladder_specs, policy):
 
 
 def _batches(ds):
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
     return xs, ys
 
 
@@ -271,6 +271,7 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
 
 def test_keras_speed_times_every_phase_of_each_entry_and_writes_its_report(ladder_specs, tmp_path):
     import keras_speed
+
     from cnnstudy import flops
 
     out = tmp_path / "keras_speed.md"

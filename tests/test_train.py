@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import train
+
 from cnnstudy.errors import JobError
 
 from conftest import SCRIPTS, saved_epoch, wait_for_epoch

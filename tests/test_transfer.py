@@ -11,16 +11,15 @@ import hashlib
 import json
 import urllib.request
 
+import fetch_weights
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 import train
-from cnnstudy import models, weights
-from cnnstudy.errors import JobError
-from cnnstudy.errors import ConfigError
 
-import fetch_weights
+from cnnstudy import models, weights
+from cnnstudy.errors import ConfigError, JobError
 
 
 def _spec(ladder_specs, model, **backbone):
@@ -67,7 +66,7 @@ def test_frozen_backbone_trains_only_the_head(tiny_data, ladder_specs, name, bac
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert not np.allclose(before[0], model.get_layer("predictions").get_weights()[0])
     # Frozen and in inference mode: not even BatchNormalization statistics move.
-    assert all(np.array_equal(a, b) for a, b in zip(frozen, base.get_weights()))
+    assert all(np.array_equal(a, b) for a, b in zip(frozen, base.get_weights(), strict=True))
 
 
 def test_last_n_layers_unfrozen(ladder_specs):

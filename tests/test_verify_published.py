@@ -78,6 +78,7 @@ def test_recorded_checks_clear_the_mark_of_the_runs_they_verified(ci_selection, 
     code, unchecked) keeps it, and an entry keeps it while any of its seeds is unchecked."""
     import publish
     import verify_published
+
     from cnnstudy.errors import JobError
 
     study = tmp_path / "study"

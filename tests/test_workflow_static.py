@@ -46,6 +46,12 @@ def test_snakefmt_check_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_ruff_check_is_clean():
+    """The Python linter, with the rules pyproject.toml selects (pyflakes, isort, bugbear, ...)."""
+    proc = subprocess.run([str(BIN / "ruff"), "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_nested_command_line_overrides_are_read_as_numbers(tmp_path):
     """Snakemake passes nested --config values on as strings; YAML reads 1e-3 as one."""
     config = ["--config", "data_source=/x.tar.gz", "run_models=[model_10]",
@@ -87,8 +93,9 @@ def _published(repo) -> list[str]:
 
 
 def test_the_readme_layout_names_every_folder_profile_and_script():
-    """The README's layout block names every top-level folder in git and every profile; every script
-    in workflow_scripts/ is a rule's (rules/*.smk) or one of the tools the layout lists."""
+    """The README's layout block names every top-level folder in git and every profile; the scripts
+    in workflow_scripts/ are the rules' (rules/*.smk), the tools in tools/ those the layout lists, and
+    no script or tool imports another (what they share lives in cnnstudy)."""
     readme = (REPO / "README.md").read_text()
     layout = readme.split("## Layout", 1)[1].split("```")[1]
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
@@ -100,4 +107,41 @@ def test_the_readme_layout_names_every_folder_profile_and_script():
     used = set(re.findall(r'script\("(\w+\.py)"\)', "".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))))
     tools = set(re.search(r"on-demand tools\s+([\w, ]+)", layout)[1].replace(",", " ").split())
     scripts = {p.name for p in (REPO / "workflow_scripts").glob("*.py")}
-    assert scripts - used == {f"{t}.py" for t in tools}, (scripts - used, tools)
+    assert scripts == used, (scripts - used, used - scripts)
+    assert {p.name for p in (REPO / "tools").glob("*.py")} == {f"{t}.py" for t in tools}, tools
+    names = {p.stem for folder in ("workflow_scripts", "tools") for p in (REPO / folder).glob("*.py")}
+    for path in [*(REPO / "workflow_scripts").glob("*.py"), *(REPO / "tools").glob("*.py")]:
+        imported = set(re.findall(r"^\s*(?:import|from) (\w+)", path.read_text(), re.M))
+        assert not imported & names, f"{path.name} imports {sorted(imported & names)}: move what they share into cnnstudy"
+
+
+# The modules where private Keras has no public way, each one concern, each with a comment at the
+# use and a test that fails loudly on a Keras upgrade: the weight-file URLs (test_transfer), the
+# EMA variables (test_resume), the optimizer's variable index and weight decay (test_speed).
+PRIVATE_KERAS = {"weights.py", "predict.py", "optimizers.py"}
+
+
+def test_private_members_are_used_only_where_they_are_defined_outside_three_modules():
+    """Resume and the rest of cnnstudy stand on public Keras: outside PRIVATE_KERAS, every
+    ``x._name`` a module reads names something that module defines itself (a function or an
+    attribute it assigns on ``self``), never a Keras internal such as ``model._initial_epoch``, and
+    nothing is imported from ``keras.src``."""
+    import ast
+
+    found = {}
+    for path in sorted([*(REPO / "workflow_scripts").rglob("*.py"), *(REPO / "tools").glob("*.py")]):
+        if path.name in PRIVATE_KERAS:
+            continue
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        own |= {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}  # fmt: skip
+        private = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                   and n.attr.startswith("_") and not n.attr.startswith("__")}  # fmt: skip
+        private -= own
+        private |= {f"import {n.module}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and (n.module or "").startswith("keras.src")}  # fmt: skip
+        if private:
+            found[str(path.relative_to(REPO))] = sorted(private)
+    assert not found, f"private members of other code (Keras?) outside {sorted(PRIVATE_KERAS)}: {found}"

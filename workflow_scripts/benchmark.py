@@ -367,7 +367,7 @@ def compare_backends(data: str, spec_path: str, backends: list[str], images: int
         ready = [worker.ask() for worker in workers]
         rates = [[] for _ in workers]
         for _ in range(rounds):
-            for worker, got in zip(workers, rates):
+            for worker, got in zip(workers, rates, strict=True):
                 got.append(worker.ask("epoch")["rate"])
         peaks = [worker.ask("peak") for worker in workers]
     finally:
@@ -375,7 +375,7 @@ def compare_backends(data: str, spec_path: str, backends: list[str], images: int
             worker.close()
     machine_bf16 = max(peak["bfloat16"] for peak in peaks)
     rows = []
-    for first, got, peak in zip(ready, rates, peaks):
+    for first, got, peak in zip(ready, rates, peaks, strict=True):
         rate = float(np.median(got))
         rows.append({
             "model": name, "backend": first["backend"], "precision": first["precision"], "XLA": first["XLA"],

@@ -89,8 +89,7 @@ def main(
     import keras
     import pandas as pd
 
-    from cnnstudy import models  # noqa: F401  (registers the workflow's custom layers)
-    from cnnstudy import predict
+    from cnnstudy import models, predict  # noqa: F401  (models registers the workflow's custom layers)
 
     runtime.set_precision(info["precision"])
     net = keras.saving.load_model(model, compile=False, safe_mode=True)  # no arbitrary code from the file
@@ -100,34 +99,15 @@ def main(
     with np.load(data) as arrays:
         splits = {split: (arrays[f"x_{split}"], arrays[f"labels_{split}"]) for split in evaluated}
         class_names = [str(c) for c in arrays["class_names"]]
-
-    results, seconds = {}, 0.0
-    for split, (x, labels) in splits.items():
-        start = time.perf_counter()
-        probs, plain = predict.predict_views(net, x, tta)
-        seconds += time.perf_counter() - start
-        results[split] = classification_metrics(labels, probs, class_names, detail=split == "test")
-        if tta != "none":
-            results[split]["accuracy_without_tta"] = skm.accuracy_score(labels, plain.argmax(axis=1))
-        if split == "test":
-            test_probs, test_labels = probs, labels
-
+    results, seconds, (test_probs, test_labels) = evaluate_splits(net, splits, class_names, tta)
     hist = pd.read_csv(history)
-    kept, last = info["kept_epoch"], int(hist["epoch"].iloc[-1])
-    speeds = hist["images_per_s"].iloc[1:] if len(hist) > 1 else hist["images_per_s"]  # epoch 1 includes tracing
     result = {
         "model": info["model"],
         "seed": info["seed"],
         "test": results["test"],
         "val": results.get("val"),  # None: the run trained on the validation images (refit, study)
         "protocol": protocol,
-        "kept_epoch": {"epoch": kept, **history_row(hist, kept)},
-        "last_epoch": {"epoch": last, **history_row(hist, last)},
-        "epochs_run": int(len(hist)),
-        "epochs_requested": info["epochs_requested"],
-        "stopped_early": info["stopped_early"],
-        "train_seconds": info["train_seconds"],
-        "train_images_per_s": float(speeds.median()),
+        **training_summary(info, hist),
         "params": net.count_params(),
         "layers": len(net.layers),
         "tta": tta,
@@ -135,22 +115,10 @@ def main(
         "n_train": info["n_train"],
         "n_val": int(len(splits["val"][1])) if "val" in splits else 0,
         "n_test": int(len(test_labels)),
-        "provenance": {
-            "seed": info["seed"],
-            "spec_hash": info["spec_hash"],
-            "device": info["device"],
-            "precision": info["precision"],
-            "threads": info["threads"],
-            "data": _data_provenance(read_json(manifest)),
-            "training": info.get("provenance", {}),
-            "evaluation": provenance.record("evaluate.py", packages=False, threads=intra),
-        },
+        "provenance": run_provenance(info, read_json(manifest), intra),
     }
     if "test_accuracy" in hist:  # entries with time_to_accuracy: the evaluated model's test accuracy per epoch
-        result["time_to_accuracy"] = [
-            {"epoch": int(e), "train_seconds": float(s), "images": int(e) * info.get("images_per_epoch", info["n_train"]), "test_accuracy": float(a)}
-            for e, s, a in zip(hist["epoch"], hist["epoch_time"].cumsum(), hist["test_accuracy"])
-        ]
+        result["time_to_accuracy"] = time_to_accuracy(hist, info.get("images_per_epoch", info["n_train"]))
     with atomic_path(probs_out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, probs=test_probs.astype(np.float32), labels=test_labels, class_names=np.array(class_names))
     write_json(metrics_out, result)
@@ -161,6 +129,63 @@ def main(
         result["eval_images_per_s"], "; test-selected: its epochs were chosen on the test set" if protocol.get("test_selected") else "",
     )  # fmt: skip
     return result
+
+
+def run_provenance(info: dict, manifest: dict, intra: int) -> dict:
+    """Where the result comes from: the training job's record, the data, and this evaluation."""
+    return {
+        "seed": info["seed"],
+        "spec_hash": info["spec_hash"],
+        "device": info["device"],
+        "precision": info["precision"],
+        "threads": info["threads"],
+        "data": _data_provenance(manifest),
+        "training": info.get("provenance", {}),
+        "evaluation": provenance.record("evaluate.py", packages=False, threads=intra),
+    }
+
+
+def evaluate_splits(net, splits: dict, class_names: list[str], tta: str) -> tuple[dict, float, tuple]:
+    """Each split's metrics (the test split's in detail), the seconds predicting took, and the test
+    split's probabilities and labels."""
+    from cnnstudy import predict
+
+    results, seconds, test = {}, 0.0, None
+    for split, (x, labels) in splits.items():
+        start = time.perf_counter()
+        probs, plain = predict.predict_views(net, x, tta)
+        seconds += time.perf_counter() - start
+        results[split] = classification_metrics(labels, probs, class_names, detail=split == "test")
+        if tta != "none":
+            results[split]["accuracy_without_tta"] = skm.accuracy_score(labels, plain.argmax(axis=1))
+        if split == "test":
+            test = (probs, labels)
+    return results, seconds, test
+
+
+def training_summary(info: dict, hist) -> dict:
+    """What the training job's history and record say: the kept and the last epoch's rows, epochs,
+    time and the median epoch's speed."""
+    kept, last = info["kept_epoch"], int(hist["epoch"].iloc[-1])
+    speeds = hist["images_per_s"].iloc[1:] if len(hist) > 1 else hist["images_per_s"]  # epoch 1 includes tracing
+    return {
+        "kept_epoch": {"epoch": kept, **history_row(hist, kept)},
+        "last_epoch": {"epoch": last, **history_row(hist, last)},
+        "epochs_run": int(len(hist)),
+        "epochs_requested": info["epochs_requested"],
+        "stopped_early": info["stopped_early"],
+        "train_seconds": info["train_seconds"],
+        "train_images_per_s": float(speeds.median()),
+    }
+
+
+def time_to_accuracy(hist, images_per_epoch: int) -> list[dict]:
+    """The evaluated model's test accuracy after each epoch, with the training seconds and images
+    it took (entries with time_to_accuracy record it; it never chose anything)."""
+    return [
+        {"epoch": int(e), "train_seconds": float(s), "images": int(e) * images_per_epoch, "test_accuracy": float(a)}
+        for e, s, a in zip(hist["epoch"], hist["epoch_time"].cumsum(), hist["test_accuracy"], strict=True)
+    ]
 
 
 def parser() -> argparse.ArgumentParser:

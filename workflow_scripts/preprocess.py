@@ -64,26 +64,9 @@ def main(
             raise FileNotFoundError(f"missing CIFAR-10 file {raw / name}: run the download rule first")
     if not 0 < val_fraction < 1:
         raise JobError(f"val_fraction must be in (0, 1), got {val_fraction}")
-
-    parts = [cifar.read_batch(raw / name) for name in cifar.TRAIN_BATCHES]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    test_images, test_labels = cifar.read_batch(raw / cifar.TEST_BATCH)
     class_names = cifar.read_class_names(raw / cifar.META)
-    log.info("read %d training and %d test images", len(images), len(test_images))
-
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
-    )
-    train_idx = train_idx[_stratified_subset(labels[train_idx], subset_train, seed, "train")]
-    val_idx = val_idx[_stratified_subset(labels[val_idx], subset_val, seed, "val")]
-    test_idx = _stratified_subset(test_labels, subset_test, seed, "test")
-
-    splits = {
-        "train": (images[train_idx], labels[train_idx]),
-        "val": (images[val_idx], labels[val_idx]),
-        "test": (test_images[test_idx], test_labels[test_idx]),
-    }
+    subsets = {"train": subset_train, "val": subset_val, "test": subset_test}
+    splits = split_images(raw, val_fraction, seed, subsets)
     eye = np.eye(cifar.NUM_CLASSES, dtype=np.float32)
     arrays: dict[str, np.ndarray] = {"class_names": np.array(class_names)}
     for split, (x, y) in splits.items():
@@ -100,7 +83,7 @@ def main(
         "raw_md5": dict(cifar.MD5),
         "val_fraction": val_fraction,
         "split_seed": seed,
-        "subset": {"train": subset_train, "val": subset_val, "test": subset_test},
+        "subset": subsets,
         "class_names": class_names,
         "counts": {split: int(len(y)) for split, (_, y) in splits.items()},
         "class_counts": {
@@ -111,6 +94,28 @@ def main(
     write_json(manifest, info)
     log.info("wrote %s: %s (%.1f s)", out, json.dumps(info["counts"]), info["seconds"])
     return info
+
+
+def split_images(raw: Path, val_fraction: float, seed: int, subsets: dict) -> dict:
+    """The raw images and labels of each split (uint8, int): a stratified validation split of the
+    training batches, then each split's stratified subset where ``subsets`` asks for one."""
+    parts = [cifar.read_batch(raw / name) for name in cifar.TRAIN_BATCHES]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    test_images, test_labels = cifar.read_batch(raw / cifar.TEST_BATCH)
+    log.info("read %d training and %d test images", len(images), len(test_images))
+
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
+    )
+    train_idx = train_idx[_stratified_subset(labels[train_idx], subsets["train"], seed, "train")]
+    val_idx = val_idx[_stratified_subset(labels[val_idx], subsets["val"], seed, "val")]
+    test_idx = _stratified_subset(test_labels, subsets["test"], seed, "test")
+    return {
+        "train": (images[train_idx], labels[train_idx]),
+        "val": (images[val_idx], labels[val_idx]),
+        "test": (test_images[test_idx], test_labels[test_idx]),
+    }
 
 
 def _optional_int(text: str) -> int | None:

@@ -1,12 +1,13 @@
 """Train one model entry with one seed.
 
 Keras does the work: fit with EarlyStopping (if the entry asks), TerminateOnNaN (a NaN or
-Inf loss fails the job with a clear message) and BackupAndRestore, extended so that a job
-killed at any moment and rerun gives the same history, weights and metrics, bit for bit, as
-one never interrupted (cnnstudy.training, cnnstudy.checkpoint). The resumable state lives in
-``--state-dir``, outside the job's outputs, so Snakemake's cleanup of incomplete outputs
-never deletes it; it is removed once the outputs are written, and discarded if the entry,
-seed, precision or data changed since it was saved.
+Inf loss fails the job with a clear message) and a checkpoint after every epoch (what Keras'
+BackupAndRestore saves, and the rest), so that a job killed at any moment and rerun gives
+the same history, weights and metrics, bit for bit, as one never interrupted
+(cnnstudy.training, cnnstudy.checkpoint). The resumable state lives in ``--state-dir``, outside
+the job's outputs, so Snakemake's cleanup of incomplete outputs never deletes it; it is removed
+once the outputs are written, and discarded if the entry, seed, precision or data changed since
+it was saved.
 
 Transfer-learning entries may have a second phase (``backbone.fine_tune``: the Keras
 guide's recipe): after the first ``epochs`` more of the backbone is unfrozen and training
@@ -33,10 +34,6 @@ from cnnstudy.errors import JobError
 from cnnstudy.files import atomic_path, ensure_space, read_json, write_json
 
 log = logging.getLogger("cnnstudy.train")
-
-# History columns that measure wall-clock time, not the model: the only ones allowed to
-# differ between a resumed and an uninterrupted run.
-TIMING_COLUMNS = ("epoch_time", "images_per_s")
 
 
 def _backbone_weights(spec: dict, manifest: str | None) -> str | None:

@@ -26,13 +26,12 @@ import argparse
 import datetime
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-import evaluate
-import train
 from cnnstudy import cli, protocols, provenance, runtime
 from cnnstudy.errors import JobError
 from cnnstudy.files import read_json, write_json
@@ -75,12 +74,14 @@ def machine_differences(recorded: dict) -> list[str]:
 def history_differences(published: pd.DataFrame, got: pd.DataFrame, epochs: int | None) -> list[str]:
     """Every (epoch, column) where ``got`` differs from the first ``epochs`` published rows."""
     expected = published if epochs is None else published.iloc[:epochs]
-    columns = [c for c in expected.columns if c not in train.TIMING_COLUMNS]
+    from cnnstudy.training import TIMING_COLUMNS
+
+    columns = [c for c in expected.columns if c not in TIMING_COLUMNS]
     found = [f"column {c} missing" for c in columns if c not in got.columns]
     found += [f"column {c} not in the published history" for c in got.columns if c not in expected.columns]
     if len(got) != len(expected):
         found.append(f"{len(got)} epoch(s) trained, {len(expected)} published")
-    for (_, a), (_, b) in zip(expected.iterrows(), got.iterrows()):
+    for (_, a), (_, b) in zip(expected.iterrows(), got.iterrows(), strict=True):
         for column in columns:
             if column in got.columns and not (a[column] == b[column] or (pd.isna(a[column]) and pd.isna(b[column]))):
                 found.append(f"epoch {int(a['epoch'])}, column {column}: published {a[column]!r}, now {b[column]!r}")
@@ -111,15 +112,19 @@ def main(published: str, model: str, seed: int, spec: str, data: str, manifest: 
     shutil.rmtree(work, ignore_errors=True)
     refit = (metrics.get("protocol") or {}).get("name") == "refit"  # its epoch count: the published holdout run's
     epochs_from = Path(published) / "metrics" / f"{protocols.holdout_name(model)}_seed{seed}.json" if refit else None
-    info = train.main(data, spec, str(work / "model.keras"), str(work / "history.csv"), str(work / "train_info.json"),
-                      str(work / "state"), seed=seed, threads=threads, precision=recorded["precision"],
-                      require_gpu="false", stop_after_epoch=stop, epochs_from=epochs_from and str(epochs_from))  # fmt: skip
+    run_job("train.py", job, "--data", data, "--spec", spec, "--model-out", work / "model.keras",
+            "--history-out", work / "history.csv", "--info-out", work / "train_info.json", "--state-dir", work / "state",
+            "--seed", seed, "--threads", threads, "--precision", recorded["precision"], "--require-gpu", "false",
+            *(["--stop-after-epoch", stop] if stop else []), *(["--epochs-from", epochs_from] if refit else []))  # fmt: skip
+    info = read_json(work / "train_info.json")
     differences = history_differences(history, pd.read_csv(work / "history.csv"), stop)
     hashes = {"training": provenance.code_hash("train.py")}
     if not stop:
-        got = evaluate.main(data, manifest, str(work / "model.keras"), str(work / "history.csv"), str(work / "train_info.json"),
-                            str(work / "metrics.json"), str(work / "test_probs.npz"), tta=metrics.get("tta", "none"),
-                            threads=threads)  # fmt: skip
+        run_job("evaluate.py", job, "--data", data, "--manifest", manifest, "--model", work / "model.keras",
+                "--history", work / "history.csv", "--train-info", work / "train_info.json",
+                "--metrics-out", work / "metrics.json", "--probs-out", work / "test_probs.npz",
+                "--tta", metrics.get("tta", "none"), "--threads", threads)  # fmt: skip
+        got = read_json(work / "metrics.json")
         differences += metric_differences(metrics, got)
         hashes["evaluation"] = provenance.code_hash("evaluate.py")
     if differences:
@@ -140,6 +145,14 @@ def main(published: str, model: str, seed: int, spec: str, data: str, manifest: 
     shutil.rmtree(work, ignore_errors=True)
     log.info("%s: identical to the published run (%s)", job, result["epochs"])
     return result
+
+
+def run_job(script: str, job: str, *args) -> None:
+    """Run a job script of this folder as its rule runs it, in its own process (its log lines go to
+    this job's log): the check retrains and evaluates with the jobs' own code and nothing else."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), *map(str, args)])
+    if proc.returncode != 0:
+        raise JobError(f"{job}: {script} failed (exit {proc.returncode}); its log is above")
 
 
 def compared_epochs(check: dict) -> int | None:

@@ -325,8 +325,9 @@ class Window:
 
 
 def import_workflow():
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
+    for folder in (SCRIPTS, REPO / "tools"):  # the job scripts and cnnstudy; keras_speed
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
 
 
 def take_chunk(state: State, work: Path, chunk: Path) -> None:
@@ -497,6 +498,7 @@ def write_specs(work: Path, config_path: Path) -> dict:
     random weights: the device has no ImageNet files and no network."""
     import_workflow()
     import yaml
+
     from cnnstudy import configuration
 
     with open(config_path) as fh:
@@ -822,7 +824,7 @@ def compare(a: Path, b: Path, epochs: int | None = None) -> dict:
         result["max_abs_difference"] = {c: float(np.max(np.abs(ha[c].to_numpy(float)[:n] - hb[c].to_numpy(float)[:n]))) for c in numeric}
     if epochs is None:
         wa, wb = model_weights(a / "model.keras"), model_weights(b / "model.keras")
-        differing = [i for i, (x, y) in enumerate(zip(wa, wb)) if x.shape != y.shape or not np.array_equal(x, y)]
+        differing = [i for i, (x, y) in enumerate(zip(wa, wb, strict=False)) if x.shape != y.shape or not np.array_equal(x, y)]
         result["weights_identical"] = len(wa) == len(wb) and not differing
         result["weight_arrays"] = len(wa)
         if differing:
@@ -1267,7 +1269,7 @@ def summary(data: dict) -> str:
         if h.get("epoch_time"):
             lines += ["", "| epoch | s | img/s | test accuracy |", "|---|---|---|---|"]
             accs = h.get("test_accuracy_per_epoch") or [None] * len(h["epoch_time"])
-            for i, (t, r, acc) in enumerate(zip(h["epoch_time"], h["images_per_s"], accs), start=1):
+            for i, (t, r, acc) in enumerate(zip(h["epoch_time"], h["images_per_s"], accs, strict=False), start=1):
                 lines.append(f"| {i} | {t:.2f} | {r:,.0f} | {fmt(acc, '.4f')} |")
         if b.get("progress"):
             lines.append(f"\nProgress before it ended: {json.dumps(b['progress'])[:1500]}")

@@ -5,8 +5,8 @@ Layout of a job's state directory (kept outside the job's outputs)::
     job.json            what the state belongs to (entry hash, seed, precision, data), and
                         the settings a resume must keep (intra-op threads)
     p1-e0003/           one checkpoint per finished epoch: phase 1, after epoch 3
-        model.weights.h5        Keras' BackupAndRestore files: weights, BatchNorm
-        training_metadata.json  statistics, optimizer variables (step, momentum, EMA)
+        model.weights.h5        Model.save_weights: weights, BatchNorm statistics,
+                                optimizer variables (step, momentum, EMA)
         best.weights.npz        EarlyStopping's best weights, if it keeps them
         state.json              the rest: history rows, EarlyStopping's counters, and
                                 the SHA-256 of every file above

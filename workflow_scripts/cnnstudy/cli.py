@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import ConfigError, JobError
 

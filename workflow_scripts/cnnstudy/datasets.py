@@ -48,7 +48,7 @@ def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
         ds = ds.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
         return ds.prefetch(tf.data.AUTOTUNE)
     mask = flip_mask(seed, len(x))
-    flips = np.stack([mask[order] ^ bool(epoch % 2) for order, epoch in zip(orders, epoch_numbers)])
+    flips = np.stack([mask[order] ^ bool(epoch % 2) for order, epoch in zip(orders, epoch_numbers, strict=True)])
     ds = tf.data.Dataset.from_tensor_slices((orders, flips))
     ds = ds.flat_map(lambda order, flip: tf.data.Dataset.from_tensor_slices((order, flip)).batch(batch_size))
 

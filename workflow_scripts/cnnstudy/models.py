@@ -15,7 +15,14 @@ import numpy as np
 
 from .configuration import flat_layers
 from .errors import ConfigError
-from .layers import COMPILED_ON_JAX, CUSTOM_INITIALIZERS, CUSTOM_LAYERS, BackbonePreprocess, PatchWhitening, backbone_constructor
+from .layers import (
+    COMPILED_ON_JAX,
+    CUSTOM_INITIALIZERS,
+    CUSTOM_LAYERS,
+    BackbonePreprocess,
+    PatchWhitening,
+    backbone_constructor,
+)
 from .optimizers import make_optimizer
 
 INPUT_SHAPE = (32, 32, 3)

@@ -60,6 +60,9 @@ class ConvMuon(keras.optimizers.Optimizer):
         left = ops.maximum(0.0, 1.0 - ops.cast(self.iterations, "float32") / steps)
         return ops.cast(self.anneal_peak * left, variable.dtype)
 
+    # Keras internals, for want of a public hook for a per-variable weight decay:
+    # Optimizer._apply_weight_decay, _use_weight_decay and _get_variable_index. The ConvMuon tests
+    # in tests/test_speed.py (the annealed bias, its decay and its freeze) fail if they change.
     def _apply_weight_decay(self, variables):
         if not self.annealed or self.weight_decay is None:  # Keras' own, unchanged
             return super()._apply_weight_decay(variables)

@@ -76,5 +76,5 @@ def evaluated_weights(model):
     try:
         yield model
     finally:
-        for (variable, _), value in zip(pairs, saved):
+        for (variable, _), value in zip(pairs, saved, strict=True):
             variable.assign(value)

@@ -107,8 +107,8 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
     frame = pd.DataFrame(rows)
     if len(frame):
         frame["p_holm"] = multipletests(frame["p"], alpha=ALPHA, method="holm")[1]
-        frame["verdict"] = [verdict(d, p) for d, p in zip(frame["diff"], frame["p_holm"])]
-        frame["agrees"] = [(c == v) if c else None for c, v in zip(frame["study_claim"], frame["verdict"])]
+        frame["verdict"] = [verdict(d, p) for d, p in zip(frame["diff"], frame["p_holm"], strict=True)]
+        frame["agrees"] = [(c == v) if c else None for c, v in zip(frame["study_claim"], frame["verdict"], strict=True)]
     return frame
 
 

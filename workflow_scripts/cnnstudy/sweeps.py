@@ -46,7 +46,7 @@ def point_name(base: str, params: dict) -> str:
     """Readable and stable: the base, then each setting's last path component and value."""
     short = [path.rsplit(".", 1)[-1] for path in params]
     keys = short if len(set(short)) == len(short) else [p.replace(".", "_") for p in params]
-    return base + "".join(f"{SEP}{key}-{_text(value)}" for key, value in zip(keys, params.values()))
+    return base + "".join(f"{SEP}{key}-{_text(value)}" for key, value in zip(keys, params.values(), strict=True))
 
 
 def check_paths(sweeps: list[dict], entry_schema_check) -> None:
@@ -76,7 +76,7 @@ def expand(sweeps: list[dict], known: list[str], default_seeds: list[int]) -> li
             continue
         paths = list(sweep["grid"])
         for values in itertools.product(*(sweep["grid"][p] for p in paths)):
-            params = dict(zip(paths, values))
+            params = dict(zip(paths, values, strict=True))
             entry: dict = {}
             for path, value in params.items():
                 entry = _merge(entry, _nested(path, value))

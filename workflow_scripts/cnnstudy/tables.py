@@ -10,8 +10,8 @@ HTML. Adding a table is one entry here and its caption file.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -382,7 +382,7 @@ def compare_columns(differ: list[str]) -> list[Column]:
 COMPARE_NOTE = (
     "Every entry of the run side by side, best validation accuracy first; only the settings that differ "
     "between entries are shown (lists of layers summarised). Mean ± std over n seeds. For a chosen set and "
-    "another order: python workflow_scripts/compare.py --results <results_dir> --models 'model_10*' --sort test_loss."
+    "another order: python tools/compare.py --results <results_dir> --models 'model_10*' --sort test_loss."
 )
 
 

@@ -1,14 +1,15 @@
 """Fitting a model entry, phase by phase, with exact resume.
 
-Keras' BackupAndRestore saves weights, BatchNorm statistics and optimizer variables (step,
-momentum, EMA). For a resumed job to repeat an uninterrupted one bit for bit, the rest must
-not depend on how many epochs this process has run:
+A checkpoint after every epoch (EpochCheckpoint, on Keras' public save_weights and load_weights)
+holds the weights, BatchNorm statistics and optimizer variables (step, momentum, EMA). For a
+resumed job to repeat an uninterrupted one bit for bit, the rest must not depend on how many
+epochs this process has run:
 
 - the order of the training images: drawn per epoch from (seed, epoch) (datasets.epoch_order);
 - the random layers (augmentation, Dropout): their seed states are set at the start of every
   epoch from (seed, epoch, layer) (EpochSeeds);
 - EarlyStopping's counters and best weights, and the history rows: saved with each checkpoint
-  (ResumableEarlyStopping, ExactBackupAndRestore), which is written as one sealed unit
+  (ResumableEarlyStopping, EpochCheckpoint), which is written as one sealed unit
   (checkpoint.TrainingState).
 """
 
@@ -30,6 +31,9 @@ from .files import collect_quietly, disk_full, disk_full_error, ensure_space
 
 log = logging.getLogger("cnnstudy.train")
 
+# History columns that measure wall-clock time (EpochLogger), not the model: the only ones allowed
+# to differ between a resumed and an uninterrupted run, or a rerun.
+TIMING_COLUMNS = ("epoch_time", "images_per_s")
 SEED_STATE = "seed_generator_state"  # the variable name keras.random.SeedGenerator gives its state
 
 
@@ -141,26 +145,36 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         return self.stopped_epoch > 0
 
 
-class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore, each epoch written as one sealed checkpoint of ``state``,
-    with what Keras leaves out: the history rows and EarlyStopping's state.
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Each finished epoch written as one sealed checkpoint of ``state`` (checkpoint.TrainingState),
+    and the resume from it, on public Keras alone (as Keras' BackupAndRestore does it, without its
+    private members): ``Model.save_weights`` holds the weights, BatchNorm statistics and optimizer
+    variables (step, momentum, EMA); the checkpoint adds what they leave out, the history rows and
+    EarlyStopping's state.
 
-    Keras' own loading restores weights, optimizer variables and the epoch to resume at.
-    Place it last, so the history row it saves has every other callback's additions.
+    The resumed epoch is fit_phases' ``initial_epoch``. Place this callback last, so the history
+    row it saves has every other callback's additions.
     """
 
-    WEIGHTS, METADATA, BEST = "model.weights.h5", "training_metadata.json", "best.weights.npz"
+    WEIGHTS, BEST = "model.weights.h5", "best.weights.npz"
 
     def __init__(self, state: TrainingState, phase: int, rows: list[dict], early: ResumableEarlyStopping | None):
-        super().__init__(backup_dir=str(state.root), delete_checkpoint=False)
+        super().__init__()
         self.state, self.phase, self.rows, self.early = state, phase, rows, early
-        resume = state.latest if state.latest is not None and state.latest.phase == phase else None
-        source = resume.path if resume else state.root / "nothing-to-restore"
-        self._weights_path, self._training_metadata_path = str(source / self.WEIGHTS), str(source / self.METADATA)
+        latest = state.latest
+        self.resume = latest if latest is not None and latest.phase == phase else None
+
+    def on_train_begin(self, logs=None):
+        if self.resume is None:
+            return
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:  # its variables must exist to be loaded
+            optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(str(self.resume.file(self.WEIGHTS)))
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append({"epoch": epoch + 1, **{k: v if isinstance(v, int) else float(v) for k, v in logs.items()}})
-        super().on_epoch_end(epoch, logs)
+        self.save(epoch + 1)
 
     def checkpoint_bytes(self) -> int:
         """The space the next checkpoint needs: the last one's size, else its variables' bytes."""
@@ -170,46 +184,40 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         best = len(self.model.weights) if self.early is not None else 0
         return int(1.1 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)) * (2 if best else 1) + 2**20
 
-    def _save_model(self):
+    def save(self, epoch: int) -> None:
         sealed = self.state.latest.epoch if self.state.latest else 0
         then = (f"the last sealed checkpoint (after epoch {sealed}) is kept; free space and rerun the job: it resumes "
                 "there and gives the same result")  # fmt: skip
-        ensure_space(self.state.root, self.checkpoint_bytes(), f"the checkpoint of epoch {self._current_epoch} into", then)
-        tmp = self.state.begin(self.phase, self._current_epoch)
+        ensure_space(self.state.root, self.checkpoint_bytes(), f"the checkpoint of epoch {epoch} into", then)
+        tmp = self.state.begin(self.phase, epoch)
         try:
-            self._save_into(tmp)
+            self._save_into(tmp, epoch)
             return
         except OSError as exc:  # the checkpoint stays unsealed (ignored); the last sealed one is kept
             if not disk_full(exc):
                 raise
-            error = disk_full_error(tmp, f"the checkpoint of epoch {self._current_epoch} into", then)
+            error = disk_full_error(tmp, f"the checkpoint of epoch {epoch} into", then)
         # Outside the handler, so the failed write's frames are gone: close h5py's half-written
         # file now (its close fails again, quietly) rather than at exit, where it crashes.
         collect_quietly()
         shutil.rmtree(tmp, ignore_errors=True)
         raise error
 
-    def _save_into(self, tmp):
-        self._weights_path, self._training_metadata_path = str(tmp / self.WEIGHTS), str(tmp / self.METADATA)
-        super()._save_model()
+    def _save_into(self, tmp, epoch: int) -> None:
+        self.model.save_weights(str(tmp / self.WEIGHTS))
         extra = {"history": self.rows, "early_stopping": None}
         if self.early is not None:
             extra["early_stopping"] = self.early.state()
             if self.early.best_weights is not None:
                 with open(tmp / self.BEST, "wb") as fh:
                     np.savez(fh, *self.early.best_weights)
-        self.state.commit(tmp, self.phase, self._current_epoch, extra)
-
-    def on_train_end(self, logs=None):
-        super().on_train_end(logs)
-        # Keras never clears the epoch it restored; a later fit (the next phase) would start there.
-        self.model._initial_epoch = None
+        self.state.commit(tmp, self.phase, epoch, extra)
 
 
 def _restored_early_stopping(settings: dict, resume: Checkpoint | None) -> ResumableEarlyStopping:
     saved, weights = (resume.state.get("early_stopping") if resume else None), None
-    if saved and resume.file(ExactBackupAndRestore.BEST).is_file():
-        with np.load(resume.file(ExactBackupAndRestore.BEST)) as npz:
+    if saved and resume.file(EpochCheckpoint.BEST).is_file():
+        with np.load(resume.file(EpochCheckpoint.BEST)) as npz:
             weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
     return ResumableEarlyStopping(restored=saved, best_weights=weights, **settings)
 
@@ -235,11 +243,10 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
     still set for every epoch of the entry (verify_published). Returns the history rows, the kept
     epoch and whether early stopping ended training.
     """
-    (x, y), batch, drop_last = train, spec["batch_size"], spec.get("drop_last", False)
+    x, batch, drop_last = train[0], spec["batch_size"], spec.get("drop_last", False)
     steps = datasets.steps_per_epoch(len(x), batch, drop_last)
     if steps == 0:
         raise JobError(f"{spec['name']}: drop_last with batch_size {batch} > {len(x)} training images leaves no batch")
-    per_epoch = datasets.images_per_epoch(len(x), batch, drop_last)
     tf_data = keras.backend.backend() == "tensorflow"  # else NumPy batches (datasets.epoch_batches): no TensorFlow
     val_ds = None if val is None else datasets.eval_dataset(*val, spec["batch_size"]) if tf_data else val  # refit: none
     all_phases = phases(spec)
@@ -260,45 +267,68 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
             log.info("phase %d: backbone unfrozen (%s), learning rate %g", index, phase["unfreeze"], phase["optimizer"]["learning_rate"])  # fmt: skip
         models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=jit)
         early = _restored_early_stopping(phase["early_stopping"], here) if phase.get("early_stopping") else None
-        first = here.epoch if here else start
-        stopped = bool(here and (here.state.get("early_stopping") or {}).get("stopped_epoch"))
-        # Finished, or stopped early, before the kill: a fit of no epochs restores the
-        # checkpoint and ends as the uninterrupted fit ended (EMA values, best weights).
-        last = first if stopped or first >= end else end
-        if stop_after is not None:  # a checkpoint at or past it: a fit of no epochs restores it
-            last = min(last, max(first, stop_after))
-        callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(per_epoch, total, index),
-                     keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
-        if evaluate_on is not None:
-            callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
-        if tensorboard:  # after the callbacks that add to the epoch's logs; it only reads them
-            callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=False, update_freq="epoch"))
-        callbacks += [c for c in (early, ExactBackupAndRestore(state, index, rows, early)) if c is not None]
-        try:
-            flip = spec.get("alternating_flip", False)
-            model.fit(
-                datasets.training_batches(x, y, batch, seed, first, last, drop_last, flip),
-                steps_per_epoch=steps,
-                validation_data=val_ds,
-                validation_batch_size=None if tf_data else batch,
-                initial_epoch=first,
-                epochs=last,
-                callbacks=callbacks,
-                shuffle=False,  # the dataset is already in each epoch's order
-                verbose=0,
-            )
-        except RuntimeError as exc:  # TerminateOnNaN
-            if "NaN or Inf loss" not in str(exc):
-                raise
-            raise JobError(
-                f"{spec['name']} seed {seed}: training diverged ({exc}); no model was written. Lower the "
-                f"learning rate ({phase['optimizer']['learning_rate']}) or check the data."
-            ) from exc
+        first, last = _epoch_range(here, start, end, stop_after)
+        callbacks = _callbacks(spec, seed, index, total, datasets.images_per_epoch(len(x), batch, drop_last),
+                               evaluate_on, tensorboard, early, EpochCheckpoint(state, index, rows, early))  # fmt: skip
+        batches = datasets.training_batches(*train, batch, seed, first, last, drop_last, spec.get("alternating_flip", False))
+        _fit(model, batches, steps, val_ds, None if tf_data else batch, first, last, callbacks, f"{spec['name']} seed {seed}", phase)
         start = end
         if stop_after is not None and end >= stop_after:
             break
     kept = early.best_epoch + 1 if early is not None and early.best_weights is not None else rows[-1]["epoch"]
     return {"rows": rows, "kept_epoch": int(kept), "stopped_early": bool(early is not None and early.stopped)}
+
+
+def _epoch_range(here: Checkpoint | None, start: int, end: int, stop_after: int | None) -> tuple[int, int]:
+    """The epochs a phase's fit runs, ``first`` to ``last``, from its checkpoint ``here`` (if any).
+
+    Finished, or stopped early, before the kill: a fit of no epochs restores the checkpoint and
+    ends as the uninterrupted fit ended (EMA values, best weights). ``stop_after`` at or before a
+    checkpoint: a fit of no epochs restores it.
+    """
+    first = here.epoch if here else start
+    stopped = bool(here and (here.state.get("early_stopping") or {}).get("stopped_epoch"))
+    last = first if stopped or first >= end else end
+    if stop_after is not None:
+        last = min(last, max(first, stop_after))
+    return first, last
+
+
+def _callbacks(spec: dict, seed: int, phase: int, total: int, per_epoch: int, evaluate_on, tensorboard: str | None,
+               early: ResumableEarlyStopping | None, checkpoint: EpochCheckpoint) -> list:  # fmt: skip
+    """A phase's callbacks, in the order their additions to an epoch's logs need: the reseeding
+    first, the loggers and readers of the logs after what they read, the checkpoint last."""
+    callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(per_epoch, total, phase),
+                 keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
+    if evaluate_on is not None:
+        callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
+    if tensorboard:  # after the callbacks that add to the epoch's logs; it only reads them
+        callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=False, update_freq="epoch"))
+    return [*callbacks, *([early] if early is not None else []), checkpoint]
+
+
+def _fit(model, batches, steps: int, val_ds, val_batch: int | None, first: int, last: int, callbacks: list, job: str,
+         phase: dict) -> None:  # fmt: skip
+    """One phase's ``model.fit``; a NaN or Inf loss (TerminateOnNaN) fails the job, naming its rate."""
+    try:
+        model.fit(
+            batches,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            validation_batch_size=val_batch,
+            initial_epoch=first,
+            epochs=last,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset is already in each epoch's order
+            verbose=0,
+        )
+    except RuntimeError as exc:  # TerminateOnNaN
+        if "NaN or Inf loss" not in str(exc):
+            raise
+        raise JobError(
+            f"{job}: training diverged ({exc}); no model was written. Lower the "
+            f"learning rate ({phase['optimizer']['learning_rate']}) or check the data."
+        ) from exc
 
 
 def history_frame(rows: list[dict], job: str) -> pd.DataFrame:

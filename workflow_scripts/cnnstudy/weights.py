@@ -13,8 +13,7 @@ import logging
 from pathlib import Path
 from unittest import mock
 
-from .errors import JobError
-from .errors import ConfigError
+from .errors import ConfigError, JobError
 
 log = logging.getLogger("cnnstudy.weights")
 

@@ -1,8 +1,8 @@
 """Compare runs side by side in the terminal: only the settings that differ, sorted by any metric.
 
-    python workflow_scripts/compare.py --results results                      # every entry
-    python workflow_scripts/compare.py --results results --sweep claims --sort test_accuracy
-    python workflow_scripts/compare.py --results results --models 'model_10*' 'model_17' --sort val_loss --ascending
+    python tools/compare.py --results results                      # every entry
+    python tools/compare.py --results results --sweep claims --sort test_accuracy
+    python tools/compare.py --results results --models 'model_10*' 'model_17' --sort val_loss --ascending
 
 Reads a results directory (specs/models.json and the metrics files), never trains.
 """
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow_scripts"))  # the workflow's cnnstudy package
 
 from cnnstudy import cli, configuration, tables
 from cnnstudy.errors import JobError

@@ -1,6 +1,6 @@
 """Publish a study run: its small, citable outputs, in a folder meant for git.
 
-    python workflow_scripts/publish.py --results /path/to/study/results [more results] --out reports/study
+    python tools/publish.py --results /path/to/study/results [more results] --out reports/study
 
 From one or more results directories (finished, or still running: what is there is published,
 and the page says how far it got) it writes, and never trains or evaluates anything:
@@ -15,13 +15,13 @@ and the page says how far it got) it writes, and never trains or evaluates anyth
 
 Trained models, test-set probabilities and data stay out (they are large or derived data).
 
-    python workflow_scripts/publish.py --refresh --out reports/study
+    python tools/publish.py --refresh --out reports/study
 
 rewrites, from the folder alone (the results directories may be gone), what depends on the runs'
 provenance and the current code: Table 1 (its † marks), the provenance table, the protocols
 table and the page; after ``verify_published.py record`` has added checks to the metrics files.
 
-    python workflow_scripts/publish.py --add --results /path/to/protocol/results --out reports/study
+    python tools/publish.py --add --results /path/to/protocol/results --out reports/study
 
 adds the runs of entries not yet published (refit and study runs, a new rung) to the folder:
 their metrics, histories, learning curves and confusion matrices, their entries to models.json;
@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import plots
-import report
-from cnnstudy import cli, configuration, protocols, tables
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow_scripts"))  # the workflow's cnnstudy package
+
+from cnnstudy import cli, configuration, figures, reporting, tables
 from cnnstudy.errors import JobError
 from cnnstudy.files import atomic_path, read_json, write_json
 
@@ -222,30 +222,68 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
 
 def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs: list, expected: int,
          protocols_frame: pd.DataFrame | None = None) -> str:  # fmt: skip
-    """The results page, written for a reader of the study."""
+    """The results page, written for a reader of the study: each section from the published
+    files (the runs' metrics and their provenance, the tables)."""
     metrics = [read_json(out / "metrics" / f"{m}_seed{s}.json") for m, s, _ in runs]
+    lines = [
+        *_header(metrics, len(runs), expected),
+        *_table1_section(info, table1, metrics),
+        *_steps_section(table4),
+        *_noise_section(table1),
+        *protocol_answers(protocols_frame, table1),
+        *_method_section(metrics, info),
+        *_not_rerun_section(metrics),
+        *_files_section(),
+    ]
+    return "\n".join(lines)
+
+
+def machines(metrics: list[dict]) -> str:
+    """Where the runs trained, from their provenance: 'a 2-core CPU (AMD EPYC)', or several."""
+    found = []
+    for m in metrics:
+        device = m["provenance"].get("device") or {}
+        kind, name, count = device.get("kind", "?"), device.get("name", ""), device.get("count")
+        text = f"a {count}-core {kind}" if kind == "CPU" and count else f"a {kind}" if kind != "?" else "an unrecorded device"
+        text += f" ({name})" if name else ""
+        if text not in found:
+            found.append(text)
+    return " and ".join(found) or "an unrecorded device"
+
+
+def precisions(metrics: list[dict]) -> str:
+    """The Keras dtype policies the runs trained in, from their provenance."""
+    return ", ".join(sorted({m["provenance"].get("precision", "?") for m in metrics})) or "?"
+
+
+def _header(metrics: list[dict], finished: int, expected: int) -> list[str]:
     trained = [m["provenance"].get("training", {}) for m in metrics]
     originals = [t.get("original") or t for t in trained]  # as trained, before any re-attribution
     commits = sorted({(t.get("git_commit") or "unknown")[:12] + ("-dirty" if t.get("git_dirty") else "") for t in originals})
     device = metrics[0]["provenance"].get("device", {}) if metrics else {}
     threads = sorted({(m["provenance"].get("threads") or {}).get("intra_op") for m in metrics} - {None})
     seconds = sum(m["train_seconds"] for m in metrics)
-    lines = [
+    return [
         "# The study, rerun on the full CIFAR-10",
         "",
         "The custom-CNN ladder of the study (`shared/reference/cifar10-cnn-study.md`, Table 1) and this",
         "workflow's rungs beyond it (`model_17` on), trained on the full data (45 000 training images, 5 000",
         "held out for validation, the 10 000 test images untouched), as configured in `config.yaml`. Generated",
-        "by `python workflow_scripts/publish.py` from the runs' results directories; do not edit by hand.",
+        "by `python tools/publish.py` from the runs' results directories; do not edit by hand.",
         "",
-        f"**Status:** {len(runs)} of {expected} runs finished"
-        + (" (the run is still going; this page shows what has finished)." if len(runs) < expected else "."),
+        f"**Status:** {finished} of {expected} runs finished"
+        + (" (the run is still going; this page shows what has finished)." if finished < expected else "."),
         f"Trained at commit(s) {', '.join(commits)} (each run's: tables/provenance.md) on {device.get('kind', '?')} "
         f"{device.get('name', '')}, {', '.join(map(str, threads))} intra-op thread(s), "
         f"{metrics[0]['provenance'].get('precision', '?') if metrics else '?'}; "
         f"{seconds / 3600:.1f} h of training in all.",
-        *reproduced_by(metrics, len(runs)),
+        *reproduced_by(metrics, finished),
         "",
+    ]
+
+
+def _table1_section(info: dict, table1: pd.DataFrame, metrics: list[dict]) -> list[str]:
+    lines = [
         "## Table 1: the study's numbers and ours",
         "",
         "| rung | change | study: train acc. | ours: train acc. | study: val. acc. (its test set) | ours: val. acc. | ours: test acc. "
@@ -277,10 +315,12 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "sharing the machine: a record of this run, not a speed comparison (that is `docs/speed.md`). Full",
         "columns, losses and footnotes: [tables/table1.md](tables/table1.md); what each rung changes:",
         "[tables/table3.md](tables/table3.md).",
-        "",
-        "## Did each step help? (Table 4)",
-        "",
     ]
+    return lines
+
+
+def _steps_section(table4: pd.DataFrame) -> list[str]:
+    lines = ["", "## Did each step help? (Table 4)", ""]
     if len(table4):
         lines += [
             "| step | the study says | the study's Δ | our verdict | Δ test accuracy [95 % CI] (seed) | Holm p "
@@ -304,19 +344,25 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         ]
     else:
         lines.append("No step has both of its runs finished yet.")
+    return lines
+
+
+def _noise_section(table1: pd.DataFrame) -> list[str]:
     spreads = [
         f"{r['model']} {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f} over {int(r['n'])} seeds"
         for _, r in table1[table1["n"] > 1].iterrows()
     ]
-    lines += [
+    return [
         "",
         "**Training noise**, as the spread of test accuracy over the seeds of one configuration (mean ± standard",
         f"deviation): {'; '.join(spreads) or 'no entry has several seeds yet'}. A step whose single-seed Δ is",
         "within that spread may change sign with another seed: read its verdict as that seed's, and the Δ of the",
         "means where an entry has several.",
     ]
-    lines += protocol_answers(protocols_frame, table1)
-    lines += [
+
+
+def _method_section(metrics: list[dict], info: dict) -> list[str]:
+    return [
         "",
         "## What differs in method",
         "",
@@ -329,7 +375,12 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         *stopping(metrics, info),
         "- **Unstated settings** (learning rates, layer placement, augmentation ranges) are read as written next",
         "  to each entry in `config.yaml`.",
-        "- **Precision.** Mixed bfloat16 on this CPU; the study trained in float32 on GPUs.",
+        f"- **Precision.** {precisions(metrics)} on {machines(metrics)}; the study trained in float32 on GPUs.",
+    ]
+
+
+def _not_rerun_section(metrics: list[dict]) -> list[str]:
+    return [
         "",
         "## What could not be rerun here",
         "",
@@ -337,9 +388,14 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "  downloaded on the machine this ran on. Running them from random weights would say nothing about",
         "  transfer learning, so Table 2 is not published; `snakemake weights` then `snakemake` reruns them where",
         "  the weights can be fetched.",
-        "- **GPU timings:** every run here trained on a 2-core CPU; times are that machine's, on those days. The",
+        f"- **GPU timings:** every run here trained on {machines(metrics)}; times are that machine's, on those days. The",
         "  rungs' arithmetic alone (Keras on JAX, random images, no TensorFlow) was timed on an H200 GPU:",
-        "  [docs/speed.md](../../docs/speed.md#on-a-gpu-through-keras-alone-workflow_scriptskeras_speedpy).",
+        "  [docs/speed.md](../../docs/speed.md#on-a-gpu-through-keras-alone-toolskeras_speedpy).",
+    ]
+
+
+def _files_section() -> list[str]:
+    return [
         "",
         "## Files",
         "",
@@ -348,7 +404,6 @@ def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs
         "matrices, `ladder_accuracy.png`, `ladder_overlay.png`, `f1_heatmap.png`, `steps_forest.png`).",
         "",
     ]
-    return "\n".join(lines)
 
 
 def merged_entries(results_dirs: list[Path]) -> tuple[dict, list[tuple[str, int, Path, Path]]]:
@@ -396,7 +451,7 @@ def refresh(out: str, expected: int | None = None) -> dict:
     loaded = [read_json(f) for f in files]
     entries = published_entries(out_dir, {m["model"] for m in loaded})
     write_json(out_dir / MODELS_FILE, entries)
-    written = report.main(str(out_dir / MODELS_FILE), [str(f) for f in files], str(out_dir / "tables"), only=REFRESHED_TABLES)
+    written = reporting.write_tables(str(out_dir / MODELS_FILE), [str(f) for f in files], str(out_dir / "tables"), only=REFRESHED_TABLES)
     table4 = pd.read_csv(out_dir / "tables" / "table4.csv", keep_default_na=False, na_values={"study_diff": [""]})
     for column in ("diff", "ci_low", "ci_high", "p_holm", "mean_diff", "n_new", "n_ref"):
         table4[column] = pd.to_numeric(table4[column])
@@ -437,7 +492,7 @@ def add(results_dirs: list[Path], out: str) -> dict:
         shutil.copyfile(history, out_dir / "histories" / f"{model}_seed{seed}.csv")
         metrics = read_json(folder / "metrics.json")
         write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", metrics)
-        plots.run_figures(metrics, pd.read_csv(history), info[model], out_dir / "figures")
+        figures.run_figures(metrics, pd.read_csv(history), info[model], out_dir / "figures")
     write_json(out_dir / MODELS_FILE, {**published, **{name: entries[name] for name in added}})
     log.info("added %d run(s) of %s to %s", len(runs), ", ".join(added), out_dir)
     return refresh(out)
@@ -466,9 +521,9 @@ def main(results: list[str] | str | None, out: str, expected: int | None = None,
     histories = [str(r / "models" / m / f"seed_{s}" / "history.csv") for m, s, _, r in runs]
     models_file = out_dir / MODELS_FILE
     write_json(models_file, entries)
-    written = report.main(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
+    written = reporting.write_tables(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
                           only=PUBLISHED_TABLES)  # fmt: skip
-    plots.main(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
+    figures.write_all(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
     if not any(configuration.in_sweep_table(spec) for spec in info.values()):
         (out_dir / "figures" / "sweeps.png").unlink()  # the workflow's placeholder: a study run has no sweeps
     expected = expected or sum(len(spec["seeds"]) for spec in info.values())

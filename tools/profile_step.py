@@ -1,6 +1,6 @@
 """Where a training epoch's time goes: oneDNN's own per-primitive timings, against the machine's peak.
 
-    python workflow_scripts/profile_step.py --data results/data/cifar10.npz \\
+    python tools/profile_step.py --data results/data/cifar10.npz \\
         --spec results/specs/model_10.json --out reports/profile_model_10.md
 
 TensorFlow runs convolutions, pooling, dense layers and layout conversions (reorders) as oneDNN
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow_scripts"))  # the workflow's cnnstudy package
 
 from cnnstudy import cli
 from cnnstudy.files import atomic_path
@@ -148,34 +150,51 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
     prims = parse(loud.split(MARK, 1)[1].split("=== wall", 1)[0].splitlines())  # the profiled epoch's lines
     if prims.empty:
         raise RuntimeError("oneDNN printed no primitive: is this TensorFlow built with oneDNN (TF_ENABLE_ONEDNN_OPTS)?")
-    peak = lambda dtype: peaks["bfloat16" if dtype == "bf16" else "float32"]  # noqa: E731
-    by_kind = prims.groupby(["kind", "direction", "dtype"], as_index=False)[["ms", "flops"]].sum()
-    outside = max(0.0, loud_wall * 1e3 - prims["ms"].sum())
-    by_kind.loc[len(by_kind)] = ["(not oneDNN: casts, TF kernels, optimizer)", "", "", outside, 0.0]
-    by_kind["share"] = by_kind["ms"] / (loud_wall * 1e3)
-    by_kind["GFLOP/s"] = (by_kind["flops"] / by_kind["ms"] / 1e6).where(by_kind["flops"] > 0)
-    by_kind["of peak"] = [f / (ms / 1e3) / peak(d) if f else float("nan") for f, ms, d in zip(by_kind["flops"], by_kind["ms"], by_kind["dtype"])]
-    by_kind = by_kind.sort_values("ms", ascending=False)
+    by_kind, layers = primitive_tables(prims, peaks, loud_wall)
     ops = pd.DataFrame([line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
                        columns=["ms", "layer"]).astype({"ms": float})  # fmt: skip
     ops = ops.sort_values("ms", ascending=False)[["layer", "ms"]]
     ops["share"] = ops["ms"] / ops["ms"].sum()
-    big = ops["share"] >= 0.01  # the page lists these, and the rest together
-    shown = pd.concat([ops[big], pd.DataFrame([{"layer": "(each under 1 %, together)", "ms": ops.loc[~big, "ms"].sum(),
-                                                "share": ops.loc[~big, "share"].sum()}])])  # fmt: skip
-    layers = prims[prims["kind"] == "convolution"].groupby(["direction", "shape", "impl", "dtype"], as_index=False)[["ms", "flops"]].sum()
-    layers["of peak"] = [f / (ms / 1e3) / peak(d) for f, ms, d in zip(layers["flops"], layers["ms"], layers["dtype"])]
-    layers = layers.sort_values("ms", ascending=False)
     conv = prims[prims["kind"] == "convolution"]
-    name = Path(spec).stem
-    text = "\n".join([
-        f"# Where {name}'s training epoch goes (oneDNN verbose)",
+    head = [
+        f"# Where {Path(spec).stem}'s training epoch goes (oneDNN verbose)",
         "",
         f"{n} images, batch from the spec, {threads} intra-op thread(s), {policy}; cached in-order batches.",
         f"Epoch wall time {wall:.2f} s ({n / wall:.0f} img/s) without verbose output, {loud_wall:.2f} s with it.",
         f"Peaks in the same process: bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, float32 {peaks['float32'] / 1e9:.0f} GFLOP/s.",
         f"Convolutions: {conv['ms'].sum() / 1e3:.2f} s for {conv['flops'].sum() / 1e9:.1f} GFLOP "
         f"({conv['flops'].sum() / (conv['ms'].sum() / 1e3) / 1e9:.0f} GFLOP/s while they run).",
+    ]  # fmt: skip
+    with atomic_path(Path(out)) as tmp:
+        tmp.write_text(page(head, by_kind, ops, layers))
+    return {"images": n, "wall": wall, "verbose_wall": loud_wall, "peaks": peaks, "by_kind": by_kind, "convolutions": layers,
+            "by_layer": ops}  # fmt: skip
+
+
+def primitive_tables(prims: pd.DataFrame, peaks: dict, loud_wall: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The profiled epoch's primitives by kind and direction (with the time outside oneDNN), and its
+    convolutions by shape; each with its share of the machine's matmul peak for its data type."""
+    peak = lambda dtype: peaks["bfloat16" if dtype == "bf16" else "float32"]  # noqa: E731
+    by_kind = prims.groupby(["kind", "direction", "dtype"], as_index=False)[["ms", "flops"]].sum()
+    outside = max(0.0, loud_wall * 1e3 - prims["ms"].sum())
+    by_kind.loc[len(by_kind)] = ["(not oneDNN: casts, TF kernels, optimizer)", "", "", outside, 0.0]
+    by_kind["share"] = by_kind["ms"] / (loud_wall * 1e3)
+    by_kind["GFLOP/s"] = (by_kind["flops"] / by_kind["ms"] / 1e6).where(by_kind["flops"] > 0)
+    by_kind["of peak"] = [f / (ms / 1e3) / peak(d) if f else float("nan") for f, ms, d in zip(by_kind["flops"], by_kind["ms"], by_kind["dtype"], strict=True)]
+    by_kind = by_kind.sort_values("ms", ascending=False)
+    layers = prims[prims["kind"] == "convolution"].groupby(["direction", "shape", "impl", "dtype"], as_index=False)[["ms", "flops"]].sum()
+    layers["of peak"] = [f / (ms / 1e3) / peak(d) for f, ms, d in zip(layers["flops"], layers["ms"], layers["dtype"], strict=True)]
+    return by_kind, layers.sort_values("ms", ascending=False)
+
+
+def page(head: list[str], by_kind: pd.DataFrame, ops: pd.DataFrame, layers: pd.DataFrame) -> str:
+    """The Markdown page: ``head``'s lines, then the tables by primitive, by layer (the layers
+    under 1 % of the ops' time together) and the convolutions."""
+    big = ops["share"] >= 0.01
+    shown = pd.concat([ops[big], pd.DataFrame([{"layer": "(each under 1 %, together)", "ms": ops.loc[~big, "ms"].sum(),
+                                                "share": ops.loc[~big, "share"].sum()}])])  # fmt: skip
+    return "\n".join([
+        *head,
         "",
         "## By primitive kind and direction",
         "",
@@ -195,10 +214,6 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
         "matmul peak of its data type. Machine, day and load make absolute times vary: read the shares.",
         "",
     ])  # fmt: skip
-    with atomic_path(Path(out)) as tmp:
-        tmp.write_text(text)
-    return {"images": n, "wall": wall, "verbose_wall": loud_wall, "peaks": peaks, "by_kind": by_kind, "convolutions": layers,
-            "by_layer": ops}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
