@@ -17,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow_scripts"
+TOOLS = REPO / "tools"
 MIRROR = Path(os.environ.get("CIFAR10_ARCHIVE", REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"))
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BIN = Path(sys.executable).parent  # the environment the tests run in (snakemake, python)

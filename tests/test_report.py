@@ -258,7 +258,7 @@ def test_a_new_table_is_one_registry_entry(tiny_run, tmp_path, monkeypatch):
     """Register a table (name, title, caption, builder): report.py writes it in every format."""
     import report
 
-    from cnnstudy import tables
+    from cnnstudy import reporting, tables
 
     def sizes(inputs):
         frame = inputs.runs[["model", "params"]].drop_duplicates("model")
@@ -268,7 +268,7 @@ def test_a_new_table_is_one_registry_entry(tiny_run, tmp_path, monkeypatch):
     results = tiny_run["work"] / "results" / "tiny"
     metrics = sorted(str(p) for p in results.glob("metrics/*/seed_0/metrics.json"))
     written = report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path), only=["sizes"])
-    assert set(written) == {"sizes"} and {p.name for p in tmp_path.iterdir()} == {f"sizes.{f}" for f in report.FORMATS}
+    assert set(written) == {"sizes"} and {p.name for p in tmp_path.iterdir()} == {f"sizes.{f}" for f in reporting.FORMATS}
     assert "| model_10 " in (tmp_path / "sizes.md").read_text()
 
 

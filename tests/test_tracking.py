@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, SCRIPTS, SWEEP_POINTS, snakemake
+from conftest import BIN, SWEEP_POINTS, TOOLS, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_mlflow_server_serves_the_runs(sweep_run):
 
 
 def test_compare_shows_only_what_differs_sorted(sweep_run):
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "compare.py"), "--results", str(sweep_run["results"]),
+    proc = subprocess.run([sys.executable, str(TOOLS / "compare.py"), "--results", str(sweep_run["results"]),
                            "--sweep", "lr", "--sort", "optimizer.learning_rate", "--ascending"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| model_01")]
