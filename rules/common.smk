@@ -27,6 +27,9 @@ RESULTS = config["results_dir"]
 REPORTS = config["reports_dir"]
 RAW_DIR = "resources/cifar-10-batches-py"
 WEIGHTS = config["weights_cache"]
+# The code that makes a result, hashed once per run (cnnstudy.provenance): params of the rules
+# whose outputs depend on it.
+CODE = {stage: provenance.code_hash(f"{stage}.py") for stage in ("train", "evaluate")}
 
 
 wildcard_constraints:

@@ -51,7 +51,7 @@ rule report:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         benchmark_root=f"{RESULTS}/benchmarks",
         # The tables mark results trained by other code: a change to it redoes them.
-        training_code=provenance.code_hash("train.py"),
+        training_code=CODE["train"],
     shell:
         "python {input.script} --models {input.models:q} --metrics {input.metrics:q}"
         " --probs {input.probs:q} --benchmarks {input.benchmarks:q}"

@@ -24,7 +24,7 @@ rule verify_run:
         published=lambda wildcards, input: Path(input.published).parent.parent,
         scratch=lambda wildcards, output: f"{output[0]}.work",
         # A check holds for the code that made it: changed training or evaluation code checks again.
-        code=[provenance.code_hash("train.py"), provenance.code_hash("evaluate.py")],
+        code=[CODE["train"], CODE["evaluate"]],
     shell:
         "python {input.script} --published {params.published:q} --model {wildcards.model}"
         " --seed {wildcards.seed} --spec {input.spec:q} --data {input.data:q}"

@@ -146,19 +146,33 @@ def validate(instance: dict, schema: dict, what: str = "config", fill_defaults: 
     Command-line strings that spell numbers are read as numbers first (coerce_strings).
     With ``fill_defaults`` the instance is completed in place with the schema's defaults.
     """
-    base = jsonschema.validators.validator_for(schema)
-    base.check_schema(schema)
+    checker, filler = _validators(schema)
     coerce_strings(instance, schema)
     errors = sorted(
-        (e for e in base(schema).iter_errors(instance) if not _is_echo(e, schema)),
+        (e for e in checker.iter_errors(instance) if not _is_echo(e, schema)),
         key=lambda e: list(map(str, e.absolute_path)),
     )
     if errors:
         lines = "\n".join(f"  - {_format_error(e, instance, schema)}" for e in errors)
         raise ConfigError(f"invalid {what} ({len(errors)} problem(s)):\n{lines}")
     if fill_defaults:
-        _set_defaults(base)(schema).validate(instance)
+        filler.validate(instance)
     return instance
+
+
+_VALIDATORS: dict[int, tuple] = {}
+
+
+def _validators(schema: dict) -> tuple:
+    """The schema's validator and its default-filling twin, made once per schema object (checking
+    the schema itself and resolving its $refs is most of the cost; a config validates its entries
+    against the same schema 19 times)."""
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None or cached[0] is not schema:  # the cache holds the schema, so its id stays its own
+        base = jsonschema.validators.validator_for(schema)
+        base.check_schema(schema)
+        cached = _VALIDATORS[id(schema)] = (schema, base(schema), _set_defaults(base)(schema))
+    return cached[1], cached[2]
 
 
 def deep_merge(base: dict, update: dict) -> dict:
