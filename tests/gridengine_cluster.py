@@ -194,6 +194,10 @@ scheduler_threads       1
                 "execd_params": "ENABLE_ADDGRP_KILL=TRUE",
                 "gid_range": f"{GID_RANGE[0]}-{GID_RANGE[1]}",
                 "mailer": "/bin/true",
+                # The jobs' bash (-S /bin/bash) starts as a plain, not a login, shell: qsub -V already
+                # gives it the head node's environment, and a login shell's profile may run slow or
+                # blocking start-up code (pyenv's rehash waits 60 s on a lock a killed shell left).
+                "login_shells": "sh",
             },
         )
         (r / "conf" / "global").write_text(global_conf)
