@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from cnnstudy import cli, figures
 
-
-def main(models: str, metrics: list[str], histories: list[str], outdir: str, steps: str | None = None) -> list[Path]:
-    return figures.write_all(models, metrics, histories, outdir, steps)
+# The job: every figure of the runs given, into outdir.
+main = figures.write_all
 
 
 def parser() -> argparse.ArgumentParser:

@@ -12,22 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pandas as pd
-
 from cnnstudy import cli, reporting
 
-
-def main(
-    models: str,
-    metrics: list[str],
-    outdir: str,
-    probs: list[str] = (),
-    benchmarks: list[str] = (),
-    benchmark_root: str | None = None,
-    only: list[str] | None = None,
-) -> dict[str, pd.DataFrame]:
-    """Write every registry table (or those named in ``only``); return their numeric frames."""
-    return reporting.write_tables(models, metrics, outdir, probs, benchmarks, benchmark_root, only)
+# The job: write every registry table (or those named in ``only``); return their numeric frames.
+main = reporting.write_tables
 
 
 def parser() -> argparse.ArgumentParser:
