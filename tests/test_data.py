@@ -138,7 +138,7 @@ def test_unreachable_url_fails_clearly(tmp_path):
 
 
 def test_cli_reports_one_error_line(tmp_path, capsys):
-    code = download.cli.run(download.main, download.parser(), ["--source", str(tmp_path / "x"), "--outdir", str(tmp_path / "o")])
+    code = download.cli.run(download.main, argv=["--source", str(tmp_path / "x"), "--outdir", str(tmp_path / "o")])
     assert code == 1
     assert "ERROR CIFAR-10 archive not found" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import typing
 
 from conftest import BIN, REPO, snakemake
 
@@ -145,3 +146,72 @@ def test_private_members_are_used_only_where_they_are_defined_outside_three_modu
         if private:
             found[str(path.relative_to(REPO))] = sorted(private)
     assert not found, f"private members of other code (Keras?) outside {sorted(PRIVATE_KERAS)}: {found}"
+
+
+def _planned_commands(tmp_path) -> list[list[str]]:
+    """Every job script command the workflow plans (dry runs, -p): the study with the benchmark
+    and a verification (default config), and the refit and study runs (presets/protocols.yaml)."""
+    import shlex
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "study").symlink_to(REPO / "reports" / "study")
+    dry = ["-n", "-p", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz"]
+    out = snakemake("all", "benchmark", "verify_published", *dry, "verify={runs: [model_09_seed0], epochs: 1}").stdout
+    out += snakemake("all", *dry[:-2], "--configfile", str(REPO / "presets" / "protocols.yaml"), *dry[-2:]).stdout
+    return [shlex.split(line.split("Shell command: ", 1)[1].split(" > ")[0]) for line in out.splitlines()
+            if line.startswith("Shell command: python ")]  # fmt: skip
+
+
+def test_every_planned_command_is_its_scripts_main(tmp_path):
+    """A rule's command passes exactly the arguments of its script's main(): the command line is
+    derived from main's signature (cnnstudy.cli.parser_for), so a flag the rule passes that main
+    lacks, a required argument it forgets or a value outside main's choices fails here. The local
+    rules that call their script from a run: block (download, fetch_weights) are read from the rules."""
+    import importlib
+    import inspect
+
+    from cnnstudy import cli
+
+    def parse(script: str, argv: list[str]) -> dict:
+        module = importlib.import_module(script)
+        try:
+            return vars(cli.parser_for(module.main, getattr(module, "HELP", None)).parse_args(argv))
+        except SystemExit:
+            raise AssertionError(f"{script}.py does not take: {shlex.join(argv)}") from None
+
+    import shlex
+
+    commands = _planned_commands(tmp_path)
+    scripts = {}
+    for python, path, *argv in commands:
+        assert python == "python" and path.startswith(str(REPO / "workflow_scripts")), path
+        name = path.rsplit("/", 1)[1].removesuffix(".py")
+        scripts[name] = parse(name, argv)
+    assert set(scripts) == {"train", "evaluate", "preprocess", "report", "plots", "track", "benchmark", "verify_published"}
+    assert any("--epochs-from" in c for c in commands) and any("--weights-manifest" in c for c in commands)
+    rules = (REPO / "rules" / "data.smk").read_text() + (REPO / "rules" / "train.smk").read_text()
+    for name in ("download", "fetch_weights"):
+        block = rules.split(f'script("{name}.py")')[1].split("\nrule ")[0]
+        flags = {flag.replace("-", "_") for flag in re.findall(r"--([a-z][\w-]*)", block)}
+        params = inspect.signature(importlib.import_module(name).main).parameters
+        required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+        assert required <= flags <= set(params), (name, flags, list(params))
+
+
+def test_a_scripts_command_line_follows_its_mains_signature():
+    import pytest
+
+    from cnnstudy import cli
+
+    def main(data: str, mode: typing.Literal["a", "b"] = "a", limit: int | None = None, flag: bool = True,
+             files: list[str] = (), md5: dict | None = None) -> None: ...  # fmt: skip
+
+    parser = cli.parser_for(main, {"data": "input"})
+    args = vars(parser.parse_args(["--data", "x", "--limit", "none", "--flag", "false", "--files", "p", "q"]))
+    assert args == {"data": "x", "mode": "a", "limit": None, "flag": False, "files": ["p", "q"]}  # md5: callers only
+    assert vars(parser.parse_args(["--data", "x", "--limit", "3"]))["limit"] == 3
+    for argv in (["--mode", "a"], ["--data", "x", "--mode", "c"], ["--data", "x", "--flag", "yes"], ["--dat", "x"]):
+        with pytest.raises(SystemExit):  # data is required; choices; true|false; no abbreviations
+            parser.parse_args(argv)
+    with pytest.raises(TypeError, match="not parameters of"):
+        cli.parser_for(main, {"dta": "typo"})

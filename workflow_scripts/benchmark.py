@@ -24,12 +24,12 @@ side: one worker process per backend, taking turns epoch by epoch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +327,7 @@ class Worker:
         import os
 
         self.backend, self.log_path = backend, log_path
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "benchmark.py"), "--worker", *args],
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "benchmark.py"), "--worker", "true", *args],
                                      env={**os.environ, "KERAS_BACKEND": backend}, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=open(log_path, "w"))  # fmt: skip
 
@@ -389,7 +389,8 @@ def compare_backends(data: str, spec_path: str, backends: list[str], images: int
     return rows
 
 
-SECTIONS = ("paths", "concurrency", "backends")
+Section = typing.Literal["paths", "concurrency", "backends"]
+SECTIONS = typing.get_args(Section)
 
 
 def main(
@@ -400,12 +401,12 @@ def main(
     rounds: int = 3,
     processes: int = 2,
     threads: int = 2,
-    precision: str = "auto",
+    precision: runtime.Precision = "auto",
     concurrency_cores: int = 4,
     concurrency_jobs: list[int] = (1, 2, 4),
     measure: str | None = None,
-    sections: list[str] = ("paths", "concurrency"),
-    backends: list[str] = ("tensorflow", "jax"),
+    sections: list[Section] = ("paths", "concurrency"),
+    backends: list[runtime.Backend] = runtime.BACKENDS,
     worker: bool = False,
 ) -> dict:
     if worker:  # one backend's worker process (see compare_backends)
@@ -531,28 +532,20 @@ def _backends_section(rows: list[dict], images: int, rounds: int) -> list[str]:
     ]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="preprocessed .npz")
-    p.add_argument("--out", help="markdown file to write (e.g. reports/benchmark.md)")
-    p.add_argument("--specs", nargs="+", required=True, help="model spec JSONs; the first also runs the concurrency test")
-    p.add_argument("--images", type=int, default=8192, help="training images per epoch measured")
-    p.add_argument(
-        "--rounds", type=int, default=3, help="epochs measured per process (the median: robust to one slow epoch)"
-    )
-    p.add_argument("--processes", type=int, default=2, help="fresh processes per path (best kept)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
-    p.add_argument("--concurrency-cores", type=int, default=4)
-    p.add_argument("--concurrency-jobs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--sections", nargs="+", default=["paths", "concurrency"], choices=SECTIONS,
-                   help="what to measure: the three training paths (and the peak), concurrent jobs, backends side by side")  # fmt: skip
-    p.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=list(runtime.BACKENDS),
-                   help="the Keras backends the backends section compares")  # fmt: skip
-    p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: comma-separated paths, one process
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: compare_backends' worker
-    return p
 
+
+HELP = {
+    "data": "preprocessed .npz",
+    "out": "markdown file to write (e.g. reports/benchmark.md)",
+    "specs": "model spec JSONs; the first also runs the concurrency test",
+    "images": "training images per epoch measured",
+    "rounds": "epochs measured per process (the median: robust to one slow epoch)",
+    "processes": "fresh processes per path (best kept)",
+    "sections": "what to measure: the three training paths (and the peak), concurrent jobs, backends side by side",
+    "backends": "the Keras backends the backends section compares",
+    "measure": cli.HIDDEN,  # internal: comma-separated paths, one process (see _spawn)
+    "worker": cli.HIDDEN,  # internal: one backend's worker (see compare_backends)
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

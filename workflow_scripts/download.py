@@ -9,7 +9,6 @@ its md5 check, so a bad archive leaves no output behind.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import logging
@@ -140,12 +139,12 @@ def main(source: str, outdir: str, md5: dict[str, str] | None = None) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="URL (http, https, ftp, file) or local path of the archive")
-    p.add_argument("--outdir", required=True, help="directory that receives the verified files")
-    return p
 
+
+HELP = {
+    "source": "URL (http, https, ftp, file) or local path of the archive",
+    "outdir": "directory that receives the verified files",
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

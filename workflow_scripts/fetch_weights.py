@@ -9,7 +9,6 @@ already cached and intact, nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from cnnstudy import cli
@@ -24,15 +23,14 @@ def main(backbone: str, cache: str, manifest: str, input_size: int = 32, mirror:
     return info
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True, help="keras.applications model name, e.g. VGG16")
-    p.add_argument("--cache", required=True, help="directory that holds the weight files")
-    p.add_argument("--manifest", required=True, help="output JSON manifest")
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--mirror", default=None, help="base URL serving Keras' weight files (default: Keras' origin)")
-    return p
 
+
+HELP = {
+    "backbone": "keras.applications model name, e.g. VGG16",
+    "cache": "directory that holds the weight files",
+    "manifest": "output JSON manifest",
+    "mirror": "base URL serving Keras' weight files (default: Keras' origin)",
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

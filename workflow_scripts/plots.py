@@ -9,7 +9,6 @@ One process draws them all (matplotlib start-up is paid once):
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from cnnstudy import cli, figures
@@ -18,15 +17,14 @@ from cnnstudy import cli, figures
 main = figures.write_all
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", required=True, help="JSON {model: {table, note, ...}} in table order")
-    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files")
-    p.add_argument("--histories", nargs="+", required=True, help="history.csv files, in the same order")
-    p.add_argument("--steps", default=None, help="table4.csv, for the forest plot of Table 4")
-    p.add_argument("--outdir", required=True)
-    return p
 
+
+HELP = {
+    "models": "JSON {model: {table, note, ...}} in table order",
+    "metrics": "metrics.json files",
+    "histories": "history.csv files, in the same order",
+    "steps": "table4.csv, for the forest plot of Table 4",
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

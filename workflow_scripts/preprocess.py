@@ -11,7 +11,6 @@ Optional stratified subsets make quick runs and tests cheap.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -118,22 +117,14 @@ def split_images(raw: Path, val_fraction: float, seed: int, subsets: dict) -> di
     }
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("", "none", "null") else int(text)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--raw-dir", required=True, help="directory with the verified CIFAR-10 batch files")
-    p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--manifest", required=True, help="output JSON manifest (counts, md5s, split settings)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset-train", type=_optional_int, default=None)
-    p.add_argument("--subset-val", type=_optional_int, default=None)
-    p.add_argument("--subset-test", type=_optional_int, default=None)
-    return p
 
+HELP = {
+    "raw_dir": "directory with the verified CIFAR-10 batch files",
+    "out": "output .npz",
+    "manifest": "output JSON manifest (counts, md5s, split settings)",
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

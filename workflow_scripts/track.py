@@ -19,7 +19,6 @@ stores once.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -120,17 +119,16 @@ def main(models: str, metrics: list[str], results: str, out: str, tracking_uri: 
     return runs
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", required=True, help="the resolved entries (results/specs/models.json)")
-    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files")
-    p.add_argument("--results", required=True, help="the results directory (histories, default store)")
-    p.add_argument("--out", required=True, help="JSON summary: store, experiment, run ids")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite under the results)")
-    p.add_argument("--experiment", default=EXPERIMENT)
-    p.add_argument("--plots", default=None, help="results/plots: curves and confusion matrices as artifacts")
-    return p
 
+
+HELP = {
+    "models": "the resolved entries (results/specs/models.json)",
+    "metrics": "metrics.json files",
+    "results": "the results directory (histories, default store)",
+    "out": "JSON summary: store, experiment, run ids",
+    "tracking_uri": "MLflow tracking URI (default: SQLite under the results)",
+    "plots": "results/plots: curves and confusion matrices as artifacts",
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

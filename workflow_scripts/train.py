@@ -20,11 +20,11 @@ goes on at a lower rate.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +87,9 @@ def main(
     state_dir: str,
     seed: int = 0,
     threads: int = 2,
-    precision: str = "auto",
+    precision: runtime.Precision = "auto",
     weights_manifest: str | None = None,
-    require_gpu: str = "auto",
+    require_gpu: typing.Literal["auto", "true", "false"] = "auto",
     deterministic_ops: bool = True,
     stop_after_epoch: int | None = None,
     epochs_from: str | None = None,
@@ -145,25 +145,15 @@ def main(
     return info
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="preprocessed .npz")
-    p.add_argument("--spec", required=True, help="the model entry as JSON (results/specs/<model>.json)")
-    p.add_argument("--model-out", required=True)
-    p.add_argument("--history-out", required=True)
-    p.add_argument("--info-out", required=True)
-    p.add_argument("--state-dir", required=True, help="resumable state (kept outside the outputs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
-    p.add_argument("--weights-manifest", default=None, help="fetch_weights manifest for ImageNet backbones")
-    p.add_argument("--require-gpu", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--deterministic-ops", default=True, type=lambda v: v.lower() == "true", help="true|false (GPUs)")
-    p.add_argument("--epochs-from", default=None, help="a refit's epoch count: its holdout run's metrics.json (its kept epoch)")
-    p.add_argument("--stop-after-epoch", type=int, default=None,
-                   help="end after this epoch, as if interrupted (verify_published: never a finished job's outputs)")  # fmt: skip
-    return p
-
+HELP = {
+    "data": "preprocessed .npz",
+    "spec": "the model entry as JSON (results/specs/<model>.json)",
+    "state_dir": "resumable state (kept outside the outputs)",
+    "weights_manifest": "fetch_weights manifest for ImageNet backbones",
+    "deterministic_ops": "deterministic GPU kernels",
+    "epochs_from": "a refit's epoch count: its holdout run's metrics.json (its kept epoch)",
+    "stop_after_epoch": "end after this epoch, as if interrupted (verify_published: never a finished job's outputs)",
+}
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parser(), unused=runtime.STARTUP_EXTRAS))
+    sys.exit(cli.run(main, unused=runtime.STARTUP_EXTRAS, help=HELP))

@@ -197,19 +197,16 @@ def record(published: str, checks: list[str]) -> list[str]:
     return written
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--published", default="reports/study", help="the published study folder")
-    p.add_argument("--model", required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--spec", required=True, help="the entry's training spec from the current config (results/specs/<model>.json)")
-    p.add_argument("--data", required=True, help="the full-data .npz")
-    p.add_argument("--manifest", required=True, help="its manifest (md5 compared with the run's)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs to compare (0: all, and the evaluated metrics)")
-    p.add_argument("--scratch", required=True, help="a scratch folder for the retrained run (removed when identical)")
-    p.add_argument("--out", required=True, help="the check's record (written only when identical)")
-    p.add_argument("--threads", type=int, default=None, help="default: the run's recorded intra-op threads")
-    return p
+HELP = {
+    "published": "the published study folder (reports/study)",
+    "spec": "the entry's training spec from the current config (results/specs/<model>.json)",
+    "data": "the full-data .npz",
+    "manifest": "its manifest (md5 compared with the run's)",
+    "epochs": "epochs to compare (0: all, and the evaluated metrics)",
+    "scratch": "a scratch folder for the retrained run (removed when identical)",
+    "out": "the check's record (written only when identical)",
+    "threads": "default: the run's recorded intra-op threads",
+}
 
 
 def record_parser() -> argparse.ArgumentParser:
@@ -223,4 +220,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["record"]:
         sys.argv.pop(1)
         sys.exit(cli.run(record, record_parser()))
-    sys.exit(cli.run(main, parser()))
+    sys.exit(cli.run(main, help=HELP))

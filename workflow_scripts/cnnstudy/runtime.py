@@ -6,11 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import typing
 
 log = logging.getLogger("cnnstudy.runtime")
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-BACKENDS = ("tensorflow", "jax")
+Backend = typing.Literal["tensorflow", "jax"]
+BACKENDS = typing.get_args(Backend)
+# The `precision` setting (auto: resolve_precision's choice for the device).
+Precision = typing.Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 
 
 # Packages that TensorFlow and Keras import at start-up whenever they are installed, each behind an
