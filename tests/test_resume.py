@@ -9,6 +9,7 @@ epoch, saved weights and test metrics must be bit-identical. The state directory
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import train
 
 from cnnstudy import checkpoint, predict, training
 
-from conftest import SCRIPTS, saved_epoch, side_by_side, wait_for_epoch
+from conftest import SCRIPTS, saved_epoch, two_at_a_time, wait_for_epoch
 
 # ---- the state directory ------------------------------------------------------------------
 
@@ -158,32 +159,36 @@ def _cli(data, spec_file, outs) -> list[str]:
     return args + [f"--{k.replace('_', '-')}={v}" for k, v in outs.items()]
 
 
-@pytest.fixture(scope="module")
-def references(tiny_data, ladder_specs, tmp_path_factory):
-    """Each kind of entry trained once, uninterrupted, in a process of its own (one thread; all at once)."""
-    root = tmp_path_factory.mktemp("references")
-    result = {}
-    for kind, spec in _kinds(ladder_specs).items():
-        spec_file = root / f"{kind}.json"
-        spec_file.write_text(json.dumps(spec))
-        result[kind] = (spec_file, _outs(root / kind.replace(" ", "_")))
-    side_by_side({kind: _cli(tiny_data, *run) for kind, run in result.items()}, root / "logs", timeout=600)
-    return result
-
-
-def _kill_after(data, spec_file, outs, epoch: int) -> None:
-    with open(Path(outs["state_dir"]).parent / "killed.log", "w") as log:
-        proc = subprocess.Popen(_cli(data, spec_file, outs), stdout=log, stderr=subprocess.STDOUT)
-    wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=600)
-    os.kill(proc.pid, signal.SIGKILL)  # mid-way through the next epoch, as a preemption would
-    proc.wait()
-    assert saved_epoch(Path(outs["state_dir"])) >= epoch and not Path(outs["model_out"]).exists()
-
-
-def _rerun(data, spec_file, outs) -> str:
+def _train(data, spec_file, outs) -> str:
+    """One uninterrupted training process (one thread); its log."""
     proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
+
+
+def _kill_and_rerun(data, spec_file, outs, point: str, epoch: int | None) -> str:
+    """Kill a training job at ``point`` (after checkpoint ``epoch``, mid-way through the next one,
+    as a preemption would; None: after training, before its outputs), then rerun it; the rerun's log."""
+    if epoch is None:
+        # Training ends, then the job dies before its outputs exist: here the model cannot be
+        # moved into place (a folder stands at its path), which leaves the state exactly as
+        # such a kill would.
+        Path(outs["model_out"]).mkdir()
+        proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0, proc.stderr[-2000:]
+        Path(outs["model_out"]).rmdir()
+    else:
+        with open(Path(outs["state_dir"]).parent / "killed.log", "w") as log:
+            proc = subprocess.Popen(_cli(data, spec_file, outs), stdout=log, stderr=subprocess.STDOUT)
+        wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=600)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert saved_epoch(Path(outs["state_dir"])) >= epoch and not Path(outs["model_out"]).exists()
+    if "truncated" in point:
+        newest = max(Path(outs["state_dir"]).glob("p*-e*"))
+        with open(newest / "model.weights.h5", "r+b") as fh:
+            fh.truncate(1000)
+    return _train(data, spec_file, outs)
 
 
 def _evaluate(data, outs, tta) -> dict:
@@ -217,34 +222,38 @@ MATRIX = [
 ]
 
 
+@pytest.fixture(scope="module")
+def matrix(tiny_data, ladder_specs, tmp_path_factory):
+    """Each kind of entry trained once uninterrupted (the reference), and every case of the matrix
+    killed and rerun: one-thread processes, two tasks at a time. Key -> (spec file, outputs, Future)."""
+    root = tmp_path_factory.mktemp("resume")
+    runs, tasks = {}, {}
+    for kind, spec in _kinds(ladder_specs).items():
+        spec_file = root / f"{kind}.json"
+        spec_file.write_text(json.dumps(spec))
+        runs[kind] = spec_file, _outs(root / kind.replace(" ", "_"))
+        tasks[kind] = functools.partial(_train, tiny_data, *runs[kind])
+    for i, (kind, point, epoch) in enumerate(MATRIX):
+        runs[kind, point] = runs[kind][0], _outs(root / f"case_{i}")
+        tasks[kind, point] = functools.partial(_kill_and_rerun, tiny_data, *runs[kind, point], point, epoch)
+    futures = two_at_a_time(tasks)
+    return {key: (*run, futures[key]) for key, run in runs.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "point", "epoch"), MATRIX, ids=[f"{k}: {p}" for k, p, _ in MATRIX])
-def test_a_killed_job_resumes_bit_identically(kind, point, epoch, references, tiny_data, tmp_path):
-    spec_file, reference = references[kind]
-    spec = json.loads(spec_file.read_text())
-    outs = _outs(tmp_path)
-    if epoch is None:
-        # Training ends, then the job dies before its outputs exist: here the model cannot be
-        # moved into place (a folder stands at its path), which leaves the state exactly as
-        # such a kill would.
-        Path(outs["model_out"]).mkdir()
-        proc = subprocess.run(_cli(tiny_data, spec_file, outs), capture_output=True, text=True, timeout=600)
-        assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0, proc.stderr[-2000:]
-        Path(outs["model_out"]).rmdir()
-    else:
-        _kill_after(tiny_data, spec_file, outs, epoch)
-    if "truncated" in point:
-        newest = max(Path(outs["state_dir"]).glob("p*-e*"))
-        with open(newest / "model.weights.h5", "r+b") as fh:
-            fh.truncate(1000)
-    log = _rerun(tiny_data, spec_file, outs)
+def test_a_killed_job_resumes_bit_identically(kind, point, epoch, matrix, tiny_data):
+    spec_file, reference, done = matrix[kind]
+    done.result()
+    _, outs, rerun = matrix[kind, point]
+    log = rerun.result()
     assert "resuming after epoch" in log
     if "truncated" in point:
         assert "is unreadable" in log and "set aside" in log
     reference_info = json.loads(Path(reference["info_out"]).read_text())
     if kind == "early stopping":
         assert reference_info["stopped_early"], "the reference run must stop early for this case to mean anything"
-    assert_identical(tiny_data, reference, outs, spec.get("tta", "none"))
+    assert_identical(tiny_data, reference, outs, json.loads(spec_file.read_text()).get("tta", "none"))
 
 
 @pytest.mark.slow

@@ -3,35 +3,84 @@
 CI's selection retrains, on the full data, through the workflow, with the thread count and
 precision each run recorded: model_09's first epoch (BatchNorm, dropout, Keras' random
 translation and rotation, Adam) and model_17's (its schedule over 14 epochs, weight EMA, the
-evaluated accuracy with flip-and-translate TTA after the epoch), side by side on the two cores.
+evaluated accuracy with flip-and-translate TTA after the epoch), side by side, begun as the
+session starts at the lowest CPU priority (conftest.early).
 Every history value but timing must equal the published one. If this fails after a change to
 training code, the change altered the numerics: regenerate what was published.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, require_mirror, snakemake
+from conftest import REPO, early, require_mirror, snakemake, two_at_a_time
 
 PUBLISHED = REPO / "reports" / "study"
 CI_SELECTION = ["model_09_seed0", "model_17_seed0"]
 
 
 def verify(work, published, runs, epochs, check=True, *extra):
+    """`snakemake verify_published` at nice 19 (it starts early: conftest.early)."""
     config = f"verify={{published: {published}, runs: [{', '.join(runs)}], epochs: {epochs}}}"
     return snakemake("verify_published", "--directory", str(work), "--cores", "2", "--show-failed-logs", *extra,
-                     "--config", f"data_source={require_mirror()}", config, check=check, timeout=1500)  # fmt: skip
+                     "--config", f"data_source={require_mirror()}", config, check=check, timeout=2400, nice=True)  # fmt: skip
+
+
+def _altered_study(published: Path) -> Path:
+    """model_01 seed 0 with one published value changed; the same run filed as seed 1 with another
+    CPU recorded."""
+    for sub in ("metrics", "histories"):
+        (published / sub).mkdir(parents=True)
+    history = pd.read_csv(PUBLISHED / "histories" / "model_01_seed0.csv")
+    history.loc[0, "val_loss"] += 1e-6
+    history.to_csv(published / "histories" / "model_01_seed0.csv", index=False)
+    shutil.copy(published / "histories" / "model_01_seed0.csv", published / "histories" / "model_01_seed1.csv")
+    metrics = json.loads((PUBLISHED / "metrics" / "model_01_seed0.json").read_text())
+    (published / "metrics" / "model_01_seed0.json").write_text(json.dumps(metrics))
+    metrics["seed"], metrics["provenance"]["device"]["name"] = 1, "Another CPU 9000"
+    (published / "metrics" / "model_01_seed1.json").write_text(json.dumps(metrics))
+    return published
+
+
+def _link_data(src: str, dst: str) -> None:
+    """Hard-link the data files (read-only to the jobs), copy Snakemake's records (rewritten in place)."""
+    if f"{os.sep}.snakemake{os.sep}" in src:
+        shutil.copy2(src, dst)
+    else:
+        os.link(src, dst)
+
+
+@early("verify_checks")
+def _verify_checks(tmp_path_factory, started) -> dict:
+    """This file's two verify runs, begun as the session starts (conftest.early) and side by side:
+    CI's selection, and model_01 against the altered study in a second working directory (the
+    data hard-linked). Name -> (working directory, Future of the finished snakemake)."""
+    full_data = started["full_data"].result()
+    altered = _altered_study(tmp_path_factory.mktemp("altered") / "study")
+    work = tmp_path_factory.mktemp("full_data_altered")
+    shutil.copytree(full_data, work, symlinks=True, dirs_exist_ok=True, copy_function=_link_data)
+    runs = {"ci": (full_data, PUBLISHED, CI_SELECTION, 1), "altered": (work, altered, ["model_01_seed0", "model_01_seed1"], 1, False, "--keep-going")}
+    futures = two_at_a_time({name: functools.partial(verify, *args) for name, args in runs.items()})
+    return {name: (runs[name][0], futures[name]) for name in runs}
 
 
 @pytest.fixture(scope="module")
-def ci_selection(full_data):
-    verify(full_data, PUBLISHED, CI_SELECTION, 1)
-    return {run: json.loads((full_data / "results" / "verify" / run.replace("_seed", "/seed_") / "epochs_1.json").read_text())
+def verify_checks(started_early) -> dict:
+    return started_early["verify_checks"].result()
+
+
+@pytest.fixture(scope="module")
+def ci_selection(verify_checks):
+    work, done = verify_checks["ci"]
+    done.result()
+    return {run: json.loads((work / "results" / "verify" / run.replace("_seed", "/seed_") / "epochs_1.json").read_text())
             for run in CI_SELECTION}  # fmt: skip
 
 
@@ -47,28 +96,17 @@ def test_the_ci_selection_of_published_runs_is_reproduced(ci_selection):
 
 
 @pytest.mark.slow
-def test_an_altered_published_row_fails_naming_run_epoch_and_column(full_data, tmp_path):
+def test_an_altered_published_row_fails_naming_run_epoch_and_column(verify_checks):
     """model_01 seed 0 with one published value changed: "code changed", with run, epoch and column.
     The same run filed as seed 1 with another CPU recorded: "machine differs", never "code changed"."""
-    published = tmp_path / "study"
-    for sub in ("metrics", "histories"):
-        (published / sub).mkdir(parents=True)
-    history = pd.read_csv(PUBLISHED / "histories" / "model_01_seed0.csv")
-    history.loc[0, "val_loss"] += 1e-6
-    history.to_csv(published / "histories" / "model_01_seed0.csv", index=False)
-    shutil.copy(published / "histories" / "model_01_seed0.csv", published / "histories" / "model_01_seed1.csv")
-    metrics = json.loads((PUBLISHED / "metrics" / "model_01_seed0.json").read_text())
-    (published / "metrics" / "model_01_seed0.json").write_text(json.dumps(metrics))
-    metrics["seed"], metrics["provenance"]["device"]["name"] = 1, "Another CPU 9000"
-    (published / "metrics" / "model_01_seed1.json").write_text(json.dumps(metrics))
-
-    proc = verify(full_data, published, ["model_01_seed0", "model_01_seed1"], 1, False, "--keep-going")
+    work, done = verify_checks["altered"]
+    proc = done.result()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "model_01 seed 0: code changed: epoch 1, column val_loss: published" in out, out[-4000:]
     assert "model_01 seed 1: machine differs" in out and "Another CPU 9000" in out, out[-4000:]
     assert "model_01 seed 1: code changed" not in out
-    assert not list((full_data / "results" / "verify" / "model_01").rglob("epochs_1.json")), "a failed check records nothing"
+    assert not list((work / "results" / "verify" / "model_01").rglob("epochs_1.json")), "a failed check records nothing"
 
 
 @pytest.mark.slow
