@@ -107,11 +107,11 @@ def fake_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return path, make_cifar_archive(path)
 
 
-def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float = 1200, env=None, nice: bool = False):
+def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float = 1200, env=None, nice: int = 0):
     """Run snakemake from the test environment; return the CompletedProcess (text output).
-    ``nice``: it and its jobs at the lowest CPU priority (work started early, see ``early``)."""
+    ``nice``: it and its jobs at that lower CPU priority (work started early, see ``early``)."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    cmd = [*(["nice", "-n", "19"] if nice else []), str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args]
+    cmd = [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -151,17 +151,6 @@ def copy_workdir(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_prepared(tmp_path_factory) -> Path:
-    """A working directory with the tiny preset's data stage done (download, preprocess), made once:
-    a run started from a copy (copy_workdir keeps the files' times and Snakemake's records) plans
-    neither again."""
-    work = tmp_path_factory.mktemp("tiny_prepared")
-    snakemake("results/tiny/data/cifar10.npz", "--directory", str(work), "--configfile", TINY,
-              "--config", f"data_source={require_mirror()}", "--cores", "2")  # fmt: skip
-    return work
-
-
-@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, fake_archive) -> Path:
     """A small preprocessed npz: real CIFAR-10 images when the mirror is there, else test-built ones."""
     import download
@@ -190,25 +179,6 @@ def ladder_specs() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_prepared):
-    """The tiny preset, run once in a scratch working directory; tests share the result."""
-    import copy
-
-    import yaml
-
-    from cnnstudy import configuration
-
-    mirror = require_mirror()
-    work = copy_workdir(tiny_prepared, tmp_path_factory.mktemp("tiny_run"))
-    config = ["--config", f"data_source={mirror}"]
-    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, *TWO_AT_ONCE)
-    with open(REPO / "config.yaml") as fh:
-        cfg = yaml.safe_load(fh)
-    models = configuration.load(copy.deepcopy(cfg))
-    return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
-
-
-@pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory, tiny_prepared):
     """The tiny preset: model_01 and a two-point sweep over its learning rate, every rule, two jobs
     at a time under gpu=1 (its three training jobs must not overlap: tests/test_cluster.py)."""
@@ -225,22 +195,23 @@ def sweep_run(tmp_path_factory, tiny_prepared):
 
 
 # ---- work started early ----------------------------------------------------------------------
-# Slow work that needs nothing but the data and whose result tests only read (the full-data
-# verify-published runs: one-thread jobs for minutes) begins as the session starts, in a thread,
-# its processes at nice 19: it then runs on the core time the other tests leave idle (one-thread
-# jobs, waits for a scheduler, Snakemake's start-up), where at its turn it would hold the session
-# up for six minutes with one core idle. CPU priority changes no number (threads are pinned).
-EARLY: dict = {}  # fixture name -> function(tmp_path_factory, started) giving its value
+# Runs that need nothing but the data and whose results tests only read begin as the session
+# starts, in threads, their processes at a lower CPU priority: they run on the core time the other
+# tests leave idle (one-thread jobs, waits for a scheduler, Snakemake's start-up) instead of holding
+# the session up at their turn. What is needed sooner runs at a higher priority: the tiny runs
+# (nice 10: test_protocols, test_report) before the full-data verify runs (nice 19: the last file,
+# one-thread jobs for minutes). CPU priority changes no number (threads are pinned).
+EARLY: dict = {}  # fixture name -> (function(tmp_path_factory, started) giving its value, needs)
 
 
-def early(name: str):
+def early(name: str, needs: tuple[str, ...] = ()):
     """Register ``function(tmp_path_factory, started)`` as the early work behind the fixture
     ``name``: it starts as the session begins when a selected test uses that fixture, and the
-    fixture returns ``started[name].result()``. ``started`` holds the futures of work registered
-    before it (``started["full_data"].result()``: the full-data working directory)."""
+    fixture returns ``started[name].result()``. ``needs``: early work it reads, registered before
+    it (``started["full_data"].result()``: the full-data working directory)."""
 
     def register(function):
-        EARLY[name] = function
+        EARLY[name] = function, needs
         return function
 
     return register
@@ -251,19 +222,38 @@ def started_early(request, tmp_path_factory) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     needed = set().union(*(item.fixturenames for item in request.session.items))
+    for name, (_, needs) in reversed(EARLY.items()):
+        if name in needed:
+            needed.update(needs)
     pool, started = ThreadPoolExecutor(max_workers=max(len(EARLY), 1)), {}
-    for name, function in EARLY.items():
+    for name, (function, _) in EARLY.items():  # a dependency is submitted before its dependents
         if name in needed:
             started[name] = pool.submit(function, tmp_path_factory, started)
     yield started
     pool.shutdown(wait=False, cancel_futures=True)  # a session cut short does not wait for it
 
 
+@early("tiny_prepared")
+def _tiny_prepared(tmp_path_factory, started) -> Path:
+    work = tmp_path_factory.mktemp("tiny_prepared")
+    snakemake("results/tiny/data/cifar10.npz", "--directory", str(work), "--configfile", TINY,
+              "--config", f"data_source={require_mirror()}", "--cores", "2")  # fmt: skip
+    return work
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(started_early) -> Path:
+    """A working directory with the tiny preset's data stage done (download, preprocess), made once:
+    a run started from a copy (copy_workdir keeps the files' times and Snakemake's records) plans
+    neither again. Made early, at full priority (the first tests need it)."""
+    return started_early["tiny_prepared"].result()
+
+
 @early("full_data")
 def _full_data(tmp_path_factory, started) -> Path:
     work = tmp_path_factory.mktemp("full_data")
     snakemake("results/data/cifar10.npz", "--directory", str(work), "--cores", "2", "--config", f"data_source={require_mirror()}",
-              nice=True)  # fmt: skip
+              nice=19)  # fmt: skip
     return work
 
 
@@ -272,6 +262,29 @@ def full_data(started_early) -> Path:
     """A working directory holding the full-data .npz and its manifest (results/data/), as the
     workflow makes them: the published runs' data (their md5 is checked). Made early."""
     return started_early["full_data"].result()
+
+
+@early("tiny_run", needs=("tiny_prepared",))
+def _tiny_run(tmp_path_factory, started) -> dict:
+    import copy
+
+    import yaml
+
+    from cnnstudy import configuration
+
+    work = copy_workdir(started["tiny_prepared"].result(), tmp_path_factory.mktemp("tiny_run"))
+    config = ["--config", f"data_source={require_mirror()}"]
+    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, *TWO_AT_ONCE, nice=10)
+    with open(REPO / "config.yaml") as fh:
+        cfg = yaml.safe_load(fh)
+    models = configuration.load(copy.deepcopy(cfg))
+    return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(started_early) -> dict:
+    """The tiny preset, run once in a scratch working directory (made early); tests share the result."""
+    return started_early["tiny_run"].result()
 
 
 def saved_epoch(state_dir: Path) -> int:

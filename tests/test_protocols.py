@@ -12,7 +12,7 @@ import yaml
 
 from cnnstudy import configuration, protocols
 
-from conftest import REPO, TINY, TWO_AT_ONCE, copy_workdir, require_mirror, snakemake
+from conftest import REPO, TINY, TWO_AT_ONCE, copy_workdir, early, require_mirror, snakemake
 from test_workflow_static import _jobs
 
 HOLDOUT, REFERENCE = "model_06", "model_05"  # model_06 early-stops; model_05 is its Table 4 step
@@ -90,13 +90,20 @@ def test_a_refit_of_a_published_run_reads_its_metrics_and_retrains_nothing_else(
 # ---- the three protocols run on the tiny preset ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def protocols_run(tmp_path_factory, tiny_prepared):
-    work = copy_workdir(tiny_prepared, tmp_path_factory.mktemp("protocols_run"))
+@early("protocols_run", needs=("tiny_prepared",))
+def _protocols_run(tmp_path_factory, started) -> tuple[Path, list[str]]:
+    """The tiny preset's model_05 and model_06 beside model_06's refit and study runs (made early)."""
+    work = copy_workdir(started["tiny_prepared"].result(), tmp_path_factory.mktemp("protocols_run"))
     extra = work / "protocols.yaml"
     extra.write_text(yaml.safe_dump(PROTOCOLS_RUN))
     args = ["--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={require_mirror()}"]
-    snakemake(*args, *TWO_AT_ONCE)
+    snakemake(*args, *TWO_AT_ONCE, nice=10)
+    return work, args
+
+
+@pytest.fixture(scope="module")
+def protocols_run(started_early):
+    work, args = started_early["protocols_run"].result()
     results = work / "results" / "tiny"
 
     def read(kind: str, name: str):

@@ -30,7 +30,7 @@ def verify(work, published, runs, epochs, check=True, *extra):
     """`snakemake verify_published` at nice 19 (it starts early: conftest.early)."""
     config = f"verify={{published: {published}, runs: [{', '.join(runs)}], epochs: {epochs}}}"
     return snakemake("verify_published", "--directory", str(work), "--cores", "2", "--show-failed-logs", *extra,
-                     "--config", f"data_source={require_mirror()}", config, check=check, timeout=2400, nice=True)  # fmt: skip
+                     "--config", f"data_source={require_mirror()}", config, check=check, timeout=2400, nice=19)  # fmt: skip
 
 
 def _altered_study(published: Path) -> Path:
@@ -57,7 +57,7 @@ def _link_data(src: str, dst: str) -> None:
         os.link(src, dst)
 
 
-@early("verify_checks")
+@early("verify_checks", needs=("full_data",))
 def _verify_checks(tmp_path_factory, started) -> dict:
     """This file's two verify runs, begun as the session starts (conftest.early) and side by side:
     CI's selection, and model_01 against the altered study in a second working directory (the
