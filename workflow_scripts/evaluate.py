@@ -18,10 +18,10 @@ evaluated on the test set alone, its "val" is null, and "protocol" says how it w
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,7 @@ def main(
     train_info: str,
     metrics_out: str,
     probs_out: str,
-    tta: typing.Literal["none", "flip", "flip_translate"] = "none",
+    tta: str = "none",
     threads: int = 2,
 ) -> dict:
     for path in (data, manifest, model, history, train_info):
@@ -188,7 +188,14 @@ def time_to_accuracy(hist, images_per_epoch: int) -> list[dict]:
     ]
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("data", "manifest", "model", "history", "train-info", "metrics-out", "probs-out"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--tta", default="none", choices=["none", "flip", "flip_translate"])
+    p.add_argument("--threads", type=int, default=2)
+    return p
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, unused=("jax", "matplotlib")))
+    sys.exit(cli.run(main, parser(), unused=("jax", "matplotlib")))
