@@ -532,8 +532,6 @@ def _backends_section(rows: list[dict], images: int, rounds: int) -> list[str]:
     ]
 
 
-
-
 HELP = {
     "data": "preprocessed .npz",
     "out": "markdown file to write (e.g. reports/benchmark.md)",

@@ -139,8 +139,6 @@ def main(source: str, outdir: str, md5: dict[str, str] | None = None) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-
-
 HELP = {
     "source": "URL (http, https, ftp, file) or local path of the archive",
     "outdir": "directory that receives the verified files",

@@ -23,8 +23,6 @@ def main(backbone: str, cache: str, manifest: str, input_size: int = 32, mirror:
     return info
 
 
-
-
 HELP = {
     "backbone": "keras.applications model name, e.g. VGG16",
     "cache": "directory that holds the weight files",

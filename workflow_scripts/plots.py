@@ -17,8 +17,6 @@ from cnnstudy import cli, figures
 main = figures.write_all
 
 
-
-
 HELP = {
     "models": "JSON {model: {table, note, ...}} in table order",
     "metrics": "metrics.json files",

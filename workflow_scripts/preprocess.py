@@ -117,9 +117,6 @@ def split_images(raw: Path, val_fraction: float, seed: int, subsets: dict) -> di
     }
 
 
-
-
-
 HELP = {
     "raw_dir": "directory with the verified CIFAR-10 batch files",
     "out": "output .npz",

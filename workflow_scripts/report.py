@@ -17,8 +17,6 @@ from cnnstudy import cli, reporting
 main = reporting.write_tables
 
 
-
-
 HELP = {
     "models": "the resolved entries (results/specs/models.json)",
     "metrics": "metrics.json files (any number of seeds)",

@@ -119,8 +119,6 @@ def main(models: str, metrics: list[str], results: str, out: str, tracking_uri: 
     return runs
 
 
-
-
 HELP = {
     "models": "the resolved entries (results/specs/models.json)",
     "metrics": "metrics.json files",
