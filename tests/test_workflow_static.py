@@ -77,7 +77,9 @@ def test_verify_published_plans_one_job_per_published_run_only_when_asked(tmp_pa
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "study").symlink_to(REPO / "reports" / "study")
     published = len(list((REPO / "reports" / "study" / "metrics").glob("*_seed*.json")))
-    jobs = _jobs(snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz").stdout)
+    # As `make verify-published` plans it: the published refit and study runs are the protocols preset's entries.
+    protocols = ("--configfile", str(REPO / "presets" / "protocols.yaml"), "--config", "run_models=null")
+    jobs = _jobs(snakemake("-n", "verify_published", "--directory", str(tmp_path), *protocols, "data_source=/x.tar.gz").stdout)
     assert jobs["verify_run"] == published and jobs["spec"] == len({p.split("_seed")[0] for p in _published(REPO)})
     chosen = "verify={runs: [model_09_seed0, model_17_seed0], epochs: 1}"
     proc = snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz", chosen)
