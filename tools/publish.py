@@ -260,7 +260,6 @@ def _header(metrics: list[dict], finished: int, expected: int) -> list[str]:
     trained = [m["provenance"].get("training", {}) for m in metrics]
     originals = [t.get("original") or t for t in trained]  # as trained, before any re-attribution
     commits = sorted({(t.get("git_commit") or "unknown")[:12] + ("-dirty" if t.get("git_dirty") else "") for t in originals})
-    device = metrics[0]["provenance"].get("device", {}) if metrics else {}
     threads = sorted({(m["provenance"].get("threads") or {}).get("intra_op") for m in metrics} - {None})
     seconds = sum(m["train_seconds"] for m in metrics)
     return [
@@ -273,9 +272,8 @@ def _header(metrics: list[dict], finished: int, expected: int) -> list[str]:
         "",
         f"**Status:** {finished} of {expected} runs finished"
         + (" (the run is still going; this page shows what has finished)." if finished < expected else "."),
-        f"Trained at commit(s) {', '.join(commits)} (each run's: tables/provenance.md) on {device.get('kind', '?')} "
-        f"{device.get('name', '')}, {', '.join(map(str, threads))} intra-op thread(s), "
-        f"{metrics[0]['provenance'].get('precision', '?') if metrics else '?'}; "
+        f"Trained at commit(s) {', '.join(commits)} (each run's: tables/provenance.md) on {machines(metrics)}, "
+        f"{', '.join(map(str, threads))} intra-op thread(s), {precisions(metrics)}; "
         f"{seconds / 3600:.1f} h of training in all.",
         *reproduced_by(metrics, finished),
         "",
