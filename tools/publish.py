@@ -168,14 +168,17 @@ def _closed(gap: float, other: float) -> str:
     """How much of the holdout gap another protocol closes, in words."""
     if gap == 0 or pd.isna(other):
         return ""
-    return f"closes {(other - gap) / -gap:.0%} of the gap" if gap < 0 else f"moves {other - gap:+.4f} from holdout"
+    if gap > 0:
+        return f"moves {other - gap:+.4f} from holdout"
+    share = (other - gap) / -gap
+    return f"closes {share:.0%} of the gap" if share >= 0 else f"widens the gap by {-share:.0%}"
 
 
 def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
     """Per rung of the protocols table: how much of the gap to the study each protocol closes."""
     if frame is None or not len(frame):
         return []
-    several = table1[(table1["n"] > 1) & table1["model"].isin(set(frame["model"]))]
+    several = table1[table1["n"] > 1]  # the widest seed spread of any rung: the scale a one-seed gap is read against
     scale = several.sort_values("test_accuracy_std", ascending=False).head(1)
     spread = (f"{scale['model'].iloc[0]}'s seed spread ({scale['test_accuracy_std'].iloc[0]:.3f}, the standard deviation of its "
               "holdout test accuracy)") if len(scale) else "the seed spread of an entry run with several seeds"  # fmt: skip
@@ -213,7 +216,7 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
             if p in by:
                 parts.append(f"the study's protocol {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
                              if p == "study" else f"refit {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})")  # fmt: skip
-        remaining = min((by[p]["gap_to_study"] for p in by if p != "holdout"), key=abs, default=gap)
+        remaining = min((by[p]["gap_to_study"] for p in by), key=abs)  # the smallest gap any protocol leaves
         parts.append(f"what remains: {remaining:+.4f}")
         single = all(int(r["n"]) == 1 for r in by.values())
         lines.append("; ".join(parts) + "." + (f" One seed per protocol: read these against {spread}." if single else ""))
