@@ -225,6 +225,10 @@ def started_early(request, tmp_path_factory) -> dict:
     for name, (_, needs) in reversed(EARLY.items()):
         if name in needed:
             needed.update(needs)
+    # The session's temporary folder, made here before any thread asks for one: made first by
+    # concurrent threads, it was made once per thread (pytest-N, N+1, ...), and pytest's cleanup of
+    # all but the last three deleted a fixture's folder while its job was writing it.
+    tmp_path_factory.getbasetemp()
     pool, started = ThreadPoolExecutor(max_workers=max(len(EARLY), 1)), {}
     for name, (function, _) in EARLY.items():  # a dependency is submitted before its dependents
         if name in needed:
