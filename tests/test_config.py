@@ -169,10 +169,12 @@ def test_under_ci_a_missing_mirror_fails_the_session(tmp_path):
     import sys
 
     test = "tests/test_workflow_run.py::test_nothing_to_do_after_the_run"
+    # Each inner session's temporary files under this test's: in pytest's numbered folders, an
+    # inner session's cleanup (it keeps the last three) could delete the outer session's.
     env = {**os.environ, "CIFAR10_ARCHIVE": str(tmp_path / "hidden.tar.gz")}
-    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO,
+    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "nested"), test], cwd=REPO,
                         env={**env, "CI": "true"}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert ci.returncode != 0 and "CI=true and the real CIFAR-10 mirror is not at" in ci.stdout, ci.stdout[-2000:]
-    local = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test], cwd=REPO,
+    local = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "nested"), test], cwd=REPO,
                            env={**env, "CI": ""}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert local.returncode == 0 and "SKIPPED" in local.stdout and "mirror is not at" in local.stdout, local.stdout[-2000:]
