@@ -62,3 +62,4 @@ lint: setup
 	snakemake --lint
 	snakefmt --check .
 	ruff check .
+	ruff format --check .

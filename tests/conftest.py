@@ -111,7 +111,13 @@ def snakemake(*args: str, cwd: Path = REPO, check: bool = True, timeout: float =
     """Run snakemake from the test environment; return the CompletedProcess (text output).
     ``nice``: it and its jobs at that lower CPU priority (work started early, see ``early``)."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    cmd = [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args]
+    cmd = [
+        *(["nice", "-n", str(nice)] if nice else []),
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -163,7 +169,12 @@ def tiny_data(tmp_path_factory, fake_archive) -> Path:
         archive, md5 = fake_archive
         download.main(str(archive), str(root / "raw"), md5=md5)
     preprocess.main(
-        str(root / "raw"), str(root / "tiny.npz"), str(root / "tiny.json"), subset_train=400, subset_val=100, subset_test=200
+        str(root / "raw"),
+        str(root / "tiny.npz"),
+        str(root / "tiny.json"),
+        subset_train=400,
+        subset_val=100,
+        subset_test=200,
     )
     return root / "tiny.npz"
 
@@ -240,8 +251,17 @@ def started_early(request, tmp_path_factory) -> dict:
 @early("tiny_prepared")
 def _tiny_prepared(tmp_path_factory, started) -> Path:
     work = tmp_path_factory.mktemp("tiny_prepared")
-    snakemake("results/tiny/data/cifar10.npz", "--directory", str(work), "--configfile", TINY,
-              "--config", f"data_source={require_mirror()}", "--cores", "2")  # fmt: skip
+    snakemake(
+        "results/tiny/data/cifar10.npz",
+        "--directory",
+        str(work),
+        "--configfile",
+        TINY,
+        "--config",
+        f"data_source={require_mirror()}",
+        "--cores",
+        "2",
+    )
     return work
 
 
@@ -256,8 +276,16 @@ def tiny_prepared(started_early) -> Path:
 @early("full_data")
 def _full_data(tmp_path_factory, started) -> Path:
     work = tmp_path_factory.mktemp("full_data")
-    snakemake("results/data/cifar10.npz", "--directory", str(work), "--cores", "2", "--config", f"data_source={require_mirror()}",
-              nice=19)  # fmt: skip
+    snakemake(
+        "results/data/cifar10.npz",
+        "--directory",
+        str(work),
+        "--cores",
+        "2",
+        "--config",
+        f"data_source={require_mirror()}",
+        nice=19,
+    )
     return work
 
 

@@ -32,8 +32,9 @@ class Daemons:
 
     def _spawn(self, name: str, cmd: list[str], **popen) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            **{"env": self.env, **popen})  # fmt: skip
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **{"env": self.env, **popen}
+        )
 
     def _wait(self, what: str, check, timeout: float = 60) -> None:
         """Poll ``check()`` until true; fail at once, with the logs, if a daemon exits meanwhile."""

@@ -46,8 +46,17 @@ GID_RANGE = (65400, 65500)  # execd gives each job an extra group id from here (
 
 
 def _installed() -> bool:
-    needed = ["/usr/sbin/sge_qmaster", "/usr/sbin/sge_execd", "/usr/bin/qsub", "/usr/bin/qstat", "/usr/bin/qacct",
-              "/usr/bin/qdel", "/usr/bin/qconf", str(SGE_LIB / "spoolinit"), str(SGE_LIB / "spooldefaults")]  # fmt: skip
+    needed = [
+        "/usr/sbin/sge_qmaster",
+        "/usr/sbin/sge_execd",
+        "/usr/bin/qsub",
+        "/usr/bin/qstat",
+        "/usr/bin/qacct",
+        "/usr/bin/qdel",
+        "/usr/bin/qconf",
+        str(SGE_LIB / "spoolinit"),
+        str(SGE_LIB / "spooldefaults"),
+    ]
     return all(Path(p).exists() for p in needed)
 
 
@@ -65,13 +74,19 @@ def install() -> None:
     answers = "".join(
         f"{owner} shared/{key}\n"
         for owner in ("gridengine-common", "gridengine-client", "gridengine-master", "gridengine-exec")
-        for key in ("gridengineconfig boolean false", f"gridenginemaster string {host}", "gridenginecell string default")
+        for key in (
+            "gridengineconfig boolean false",
+            f"gridenginemaster string {host}",
+            "gridenginecell string default",
+        )
     )
 
     def run(*cmd: str, timeout: float, stdin: str | None = None) -> None:
         proc = subprocess.run(cmd, input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
 
     run("debconf-set-selections", stdin=answers, timeout=60)
     own_policy = not POLICY_RC.exists()
@@ -111,13 +126,16 @@ class Cluster(Daemons):
     def __init__(self, root: Path):
         sge_root = Path(root).resolve() / "sge"
         self.ports = {"qmaster": _free_port(), "execd": _free_port()}
-        super().__init__(root, {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SGE_")},
-            "SGE_ROOT": str(sge_root),
-            "SGE_CELL": CELL,
-            "SGE_QMASTER_PORT": str(self.ports["qmaster"]),
-            "SGE_EXECD_PORT": str(self.ports["execd"]),
-        })  # fmt: skip
+        super().__init__(
+            root,
+            {
+                **{k: v for k, v in os.environ.items() if not k.startswith("SGE_")},
+                "SGE_ROOT": str(sge_root),
+                "SGE_CELL": CELL,
+                "SGE_QMASTER_PORT": str(self.ports["qmaster"]),
+                "SGE_EXECD_PORT": str(self.ports["execd"]),
+            },
+        )
         self.host = socket.gethostname().split(".")[0]
         self.sge_root = sge_root
         self.common = self.sge_root / CELL / "common"
@@ -175,9 +193,7 @@ scheduler_threads       1
         )
         (self.common / "act_qmaster").write_text(f"{self.host}\n")
         (self.common / "host_aliases").write_text(" ".join([self.host, *self._host_aliases()]) + "\n")
-        (self.common / "settings.sh").write_text(
-            "".join(f"export {k}={v}\n" for k, v in self.client_env.items())
-        )
+        (self.common / "settings.sh").write_text("".join(f"export {k}={v}\n" for k, v in self.client_env.items()))
         global_conf = _set_keys(
             (SGE_SHARE / "default-configuration").read_text(),
             {
@@ -229,8 +245,27 @@ scheduler_threads       1
             "xuser_lists NONE\nprojects NONE\nxprojects NONE\nusage_scaling NONE\nreport_variables NONE\n"
         )
         self._check("qconf", "-Ae", str(c / "host"))
-        limits = "".join(f"{k} INFINITY\n" for k in ("s_rt", "h_rt", "s_cpu", "h_cpu", "s_fsize", "h_fsize", "s_data",
-                 "h_data", "s_stack", "h_stack", "s_core", "h_core", "s_rss", "h_rss", "s_vmem", "h_vmem"))  # fmt: skip
+        limits = "".join(
+            f"{k} INFINITY\n"
+            for k in (
+                "s_rt",
+                "h_rt",
+                "s_cpu",
+                "h_cpu",
+                "s_fsize",
+                "h_fsize",
+                "s_data",
+                "h_data",
+                "s_stack",
+                "h_stack",
+                "s_core",
+                "h_core",
+                "s_rss",
+                "h_rss",
+                "s_vmem",
+                "h_vmem",
+            )
+        )
         # No load thresholds: the machine may be busy with other work; the queue must not alarm.
         (c / "queue").write_text(
             f"qname {QUEUE}\nhostlist {self.host}\nseq_no 0\nload_thresholds NONE\nsuspend_thresholds NONE\n"
@@ -244,9 +279,14 @@ scheduler_threads       1
         self._check("qconf", "-Aq", str(c / "queue"))
         sched = _set_keys(
             self._check("qconf", "-ssconf"),
-            {"schedule_interval": "0:0:1", "job_load_adjustments": "NONE", "load_adjustment_decay_time": "0:0:0",
-             "flush_submit_sec": "1", "flush_finish_sec": "1"},
-        )  # fmt: skip
+            {
+                "schedule_interval": "0:0:1",
+                "job_load_adjustments": "NONE",
+                "load_adjustment_decay_time": "0:0:0",
+                "flush_submit_sec": "1",
+                "flush_finish_sec": "1",
+            },
+        )
         (c / "scheduler").write_text(sched)
         self._check("qconf", "-Msconf", str(c / "scheduler"))
 
@@ -254,7 +294,9 @@ scheduler_threads       1
     def _check(self, *cmd: str, timeout: float = 60) -> str:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{self.logs()}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{self.logs()}"
+            )
         return proc.stdout
 
     def _spawn(self, name: str, cmd: list[str], **popen) -> None:
@@ -263,7 +305,9 @@ scheduler_threads       1
 
     def _queue_ready(self) -> bool:
         """The queue instance on this host reports load and has no state flags (u, a, E, d...)."""
-        out = subprocess.run(["qstat", "-f", "-q", QUEUE], env=self.env, capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["qstat", "-f", "-q", QUEUE], env=self.env, capture_output=True, text=True, timeout=30
+        ).stdout
         for line in out.splitlines():
             fields = line.split()
             if fields and fields[0] == f"{QUEUE}@{self.host}":
@@ -284,10 +328,12 @@ scheduler_threads       1
         """This cell's pending and running jobs (all users): id, name, state, slots."""
         out = self._check("qstat", "-u", "*", "-xml")
         return [
-            {key: (job.findtext(tag) or "").strip() for key, tag in
-             (("id", "JB_job_number"), ("name", "JB_name"), ("state", "state"), ("slots", "slots"))}
+            {
+                key: (job.findtext(tag) or "").strip()
+                for key, tag in (("id", "JB_job_number"), ("name", "JB_name"), ("state", "state"), ("slots", "slots"))
+            }
             for job in ET.fromstring(out).iter("job_list")
-        ]  # fmt: skip
+        ]
 
     def job_ids(self) -> list[str]:
         return [job["id"] for job in self.jobs()]

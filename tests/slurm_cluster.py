@@ -47,7 +47,9 @@ def install() -> None:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt_update(env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True, timeout=900)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True, timeout=900
+    )
 
 
 class Cluster(Daemons):
@@ -71,8 +73,8 @@ class Cluster(Daemons):
             f"""ClusterName=cnnstudy
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root
-SlurmctldPort={self.ports['ctld']}
-SlurmdPort={self.ports['slurmd']}
+SlurmctldPort={self.ports["ctld"]}
+SlurmdPort={self.ports["slurmd"]}
 {auth}StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -90,7 +92,7 @@ SelectTypeParameters=CR_CPU_Memory
 GresTypes=gpu
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort={self.ports['dbd']}
+AccountingStoragePort={self.ports["dbd"]}
 AccountingStoragePass={self.munge_socket}
 AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
@@ -109,18 +111,20 @@ PartitionName={PARTITION} Nodes={self.host} Default=YES MaxTime=INFINITE State=U
         (r / "dev").mkdir(exist_ok=True)
         for i in range(GPUS):
             (r / "dev" / f"fakegpu{i}").touch()
-        (r / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File={r}/dev/fakegpu[0-{GPUS - 1}]\n")
+        (r / "gres.conf").write_text(
+            f"AutoDetect=off\nNodeName={self.host} Name=gpu File={r}/dev/fakegpu[0-{GPUS - 1}]\n"
+        )
         dbd = r / "slurmdbd.conf"
         dbd.write_text(
             f"""{auth}DbdHost={self.host}
 DbdAddr=127.0.0.1
-DbdPort={self.ports['dbd']}
+DbdPort={self.ports["dbd"]}
 SlurmUser=root
 LogFile={r}/log/slurmdbd.log
 PidFile={r}/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={self.ports['mysql']}
+StoragePort={self.ports["mysql"]}
 StorageUser=slurm
 StoragePass=slurmpass
 StorageLoc=slurm_acct_db
@@ -151,20 +155,54 @@ StorageLoc=slurm_acct_db
         self._link_default_config()
         r = self.root
         sbin = "/usr/sbin"
-        self._spawn("munged", [f"{sbin}/munged", "--foreground", "--force", f"--key-file={r}/munge/munge.key",
-                               f"--socket={self.munge_socket}", f"--pid-file={r}/munge/munged.pid",
-                               f"--log-file={r}/log/munged.log", f"--seed-file={r}/munge/munged.seed"])  # fmt: skip
+        self._spawn(
+            "munged",
+            [
+                f"{sbin}/munged",
+                "--foreground",
+                "--force",
+                f"--key-file={r}/munge/munge.key",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--log-file={r}/log/munged.log",
+                f"--seed-file={r}/munge/munged.seed",
+            ],
+        )
         self._wait("munged", lambda: self.munge_socket.exists(), timeout)
 
-        subprocess.run(["mariadb-install-db", f"--datadir={r}/db", "--user=root", "--auth-root-authentication-method=normal",
-                        "--skip-test-db"], check=True, capture_output=True, timeout=timeout)  # fmt: skip
-        self._spawn("mariadbd", [f"{sbin}/mariadbd", "--no-defaults", f"--datadir={r}/db", f"--socket={r}/mysql.sock",
-                                 f"--port={self.ports['mysql']}", "--bind-address=127.0.0.1", "--user=root",
-                                 f"--pid-file={r}/mysql.pid", "--skip-log-bin", "--innodb-buffer-pool-size=64M"])  # fmt: skip
+        subprocess.run(
+            [
+                "mariadb-install-db",
+                f"--datadir={r}/db",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        self._spawn(
+            "mariadbd",
+            [
+                f"{sbin}/mariadbd",
+                "--no-defaults",
+                f"--datadir={r}/db",
+                f"--socket={r}/mysql.sock",
+                f"--port={self.ports['mysql']}",
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                f"--pid-file={r}/mysql.pid",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=64M",
+            ],
+        )
         mysql = ["mariadb", "--no-defaults", f"--socket={r}/mysql.sock", "-uroot"]
         self._wait("mariadb", lambda: self._ok(*mysql, "-e", "select 1"), timeout)
-        sql = ("CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpass';"
-               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")  # fmt: skip
+        sql = (
+            "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpass';"
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+        )
         subprocess.run([*mysql, "-e", sql], check=True, capture_output=True, timeout=60)
 
         self._spawn("slurmdbd", [f"{sbin}/slurmdbd", "-D"])  # reads slurmdbd.conf beside $SLURM_CONF
@@ -195,8 +233,11 @@ StorageLoc=slurm_acct_db
     def sacct(self, *fields: str) -> list[dict]:
         out = subprocess.run(
             ["sacct", "-a", "-X", "-P", "-n", "--format=" + ",".join(fields)],
-            env=self.env, capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return [dict(zip(fields, line.split("|"), strict=False)) for line in out.splitlines() if line]
 
 
@@ -206,7 +247,9 @@ if __name__ == "__main__":
     if action == "start":
         install()
         cluster.start()
-        print(f"export SLURM_CONF={root.resolve()}/slurm.conf   # daemons keep running; stop with: {sys.argv[0]} stop {root}")
+        print(
+            f"export SLURM_CONF={root.resolve()}/slurm.conf   # daemons keep running; stop with: {sys.argv[0]} stop {root}"
+        )
         for proc in cluster.procs.values():
             proc.wait()
     else:

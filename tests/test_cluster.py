@@ -27,8 +27,19 @@ def _job_blocks(output: str, rule: str) -> list[str]:
 
 def test_slurm_profile_plans_the_dag_with_the_right_resources(tmp_path):
     # A dry run uses the local executor, which caps threads at --cores: give it a cluster-sized value.
-    proc = snakemake("--profile", SLURM_PROFILE, "--workflow-profile", "none", "-n", "--cores", "64",
-                     "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz")  # fmt: skip
+    proc = snakemake(
+        "--profile",
+        SLURM_PROFILE,
+        "--workflow-profile",
+        "none",
+        "-n",
+        "--cores",
+        "64",
+        "--directory",
+        str(tmp_path),
+        "--config",
+        "data_source=/x.tar.gz",
+    )
     jobs = _jobs(proc.stdout)
     # 18 entries, model_10, model_17 and model_18 with three seeds each
     assert jobs["train"] == jobs["evaluate"] == 24 and jobs["fetch_weights"] == 3
@@ -69,11 +80,27 @@ def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path, tiny_prep
     extra = _write(tmp_path / "one.yaml", {"run_models": ["model_03"], "model_overrides": {"epochs": 5}})
     # Up to the evaluated run: the report jobs after it have nothing to do with the kill.
     target = "results/tiny/metrics/model_03/seed_0/metrics.json"
-    args = [target, "--directory", str(tmp_path), "--configfile", TINY, extra, "--config", f"data_source={mirror}", "--cores", "2"]
+    args = [
+        target,
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        TINY,
+        extra,
+        "--config",
+        f"data_source={mirror}",
+        "--cores",
+        "2",
+    ]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     log = open(tmp_path / "first.out", "w")
-    first = subprocess.Popen([str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args],
-                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    first = subprocess.Popen(
+        [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     state = tmp_path / "results/tiny/train_state/model_03/seed_0"
     wait_for_epoch(state, 2, first, timeout=600)
     os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its job, no clean-up
@@ -114,16 +141,36 @@ def test_workflow_runs_on_slurm_through_the_profile(slurm, tmp_path):
     extra = _write(tmp_path / "cluster.yaml", {"run_models": models})
     started = time.time()
     proc = snakemake(
-        "--profile", SLURM_PROFILE, "--workflow-profile", "none", "--directory", str(tmp_path), "--configfile", TINY, extra,
-        "--config", f"data_source={mirror}",
+        "--profile",
+        SLURM_PROFILE,
+        "--workflow-profile",
+        "none",
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        TINY,
+        extra,
+        "--config",
+        f"data_source={mirror}",
         # Only this cluster's partition and account are given, restating the profile's other
         # defaults, as the README tells users; the profile's threads and set-resources apply.
-        "--default-resources", f"slurm_partition={PARTITION}", f"slurm_account={ACCOUNT}", "runtime=30",
-        "mem_mb=4000", "cpus_per_task=threads",
-        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3",
-        "--latency-wait", "10", "--retries", "0",
-        env={"SLURM_CONF": str(slurm.root / "slurm.conf")}, timeout=900,
-    )  # fmt: skip
+        "--default-resources",
+        f"slurm_partition={PARTITION}",
+        f"slurm_account={ACCOUNT}",
+        "runtime=30",
+        "mem_mb=4000",
+        "cpus_per_task=threads",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--seconds-between-status-checks",
+        "3",
+        "--latency-wait",
+        "10",
+        "--retries",
+        "0",
+        env={"SLURM_CONF": str(slurm.root / "slurm.conf")},
+        timeout=900,
+    )
     wall = time.time() - started
     time.sleep(6)  # accounting is asynchronous
     rows = slurm.sacct("JobID", "JobName", "Comment", "State", "AllocTRES", "ReqTRES", "Elapsed")

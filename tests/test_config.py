@@ -63,7 +63,9 @@ def test_run_models_selects(cfg):
 def test_strings_that_spell_numbers_are_read_as_numbers(cfg):
     """As Snakemake's --config passes nested values: all strings."""
     cfg = copy.deepcopy(cfg)
-    cfg.update(val_fraction="0.2", seeds=["1", "2"], model_overrides={"epochs": "3", "optimizer": {"learning_rate": "1e-3"}})
+    cfg.update(
+        val_fraction="0.2", seeds=["1", "2"], model_overrides={"epochs": "3", "optimizer": {"learning_rate": "1e-3"}}
+    )
     models = configuration.load(cfg)
     assert cfg["val_fraction"] == 0.2 and cfg["seeds"] == [1, 2]
     assert models["model_01"]["epochs"] == 3 and models["model_05"]["optimizer"]["learning_rate"] == 0.001
@@ -75,12 +77,18 @@ def test_strings_that_spell_numbers_are_read_as_numbers(cfg):
     [
         (lambda c: c.update(bogus=1), r"<top level>: unknown key\(s\) 'bogus'"),
         (lambda c: c.update(val_fraction="a tenth"), r"val_fraction: 'a tenth' is not of type 'number'"),
-        (lambda c: c.update(model_overrides={"epochs": "2.5"}), r"model_overrides.epochs: 2.5 is not of type 'integer'"),
+        (
+            lambda c: c.update(model_overrides={"epochs": "2.5"}),
+            r"model_overrides.epochs: 2.5 is not of type 'integer'",
+        ),
         (lambda c: c.update(val_fraction=1.5), r"val_fraction: 1.5 is greater than or equal to the maximum of 1"),
         (lambda c: c["subset"].update(train=-5), r"subset.train: -5 is less than the minimum of 1"),
         (lambda c: c.update(seeds=[]), r"seeds: \[\] should be non-empty"),
         (lambda c: c.update(precision="fp8"), r"precision: 'fp8' is not one of"),
-        (lambda c: c["models"][1].update(epochs=-1), r"models\[1\] \(model_02\).epochs: -1 is less than the minimum of 1"),
+        (
+            lambda c: c["models"][1].update(epochs=-1),
+            r"models\[1\] \(model_02\).epochs: -1 is less than the minimum of 1",
+        ),
         (lambda c: c["models"][0].update(epochs=1.5), r"epochs: 1.5 is not of type 'integer'"),
         (lambda c: c["models"][0].update(batch_size=0), r"batch_size: 0 is less than the minimum of 1"),
         (
@@ -96,7 +104,10 @@ def test_strings_that_spell_numbers_are_read_as_numbers(cfg):
             r"layers\[0\]\[0\].Dense.units: 0 is less than the minimum of 1",
         ),
         (lambda c: c["models"][0]["optimizer"].update(name="adagrad"), r"optimizer.name: 'adagrad' is not one of"),
-        (lambda c: c["models"][4].update(base="model_99"), r"models \(model_05\): base 'model_99' is not an earlier model"),
+        (
+            lambda c: c["models"][4].update(base="model_99"),
+            r"models \(model_05\): base 'model_99' is not an earlier model",
+        ),
         (lambda c: c["models"][0].update(base="model_05"), r"base 'model_05' is not an earlier model"),
         (lambda c: c.update(run_models=["model_99"]), r"run_models: unknown model name\(s\) 'model_99'"),
         (lambda c: c["models"].append(dict(c["models"][0])), r"duplicate model name 'model_01'"),
@@ -152,7 +163,9 @@ def _pins(lines):
 def test_conda_envs_pin_the_same_versions_as_requirements():
     requirements = _pins((REPO / "requirements.txt").read_text().splitlines())
     gpu = _pins((REPO / "requirements-gpu.txt").read_text().splitlines())
-    assert gpu == {"tensorflow": requirements["tensorflow"]}, "requirements-gpu.txt: the GPU build of the same TensorFlow"
+    assert gpu == {"tensorflow": requirements["tensorflow"]}, (
+        "requirements-gpu.txt: the GPU build of the same TensorFlow"
+    )
     envs = sorted((REPO / "envs").glob("*.yaml"))
     assert envs, "no conda environment files"
     for env_file in envs:
@@ -172,9 +185,34 @@ def test_under_ci_a_missing_mirror_fails_the_session(tmp_path):
     # Each inner session's temporary files under this test's: in pytest's numbered folders, an
     # inner session's cleanup (it keeps the last three) could delete the outer session's.
     env = {**os.environ, "CIFAR10_ARCHIVE": str(tmp_path / "hidden.tar.gz")}
-    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "nested"), test], cwd=REPO,
-                        env={**env, "CI": "true"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    ci = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "nested"), test],
+        cwd=REPO,
+        env={**env, "CI": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ci.returncode != 0 and "CI=true and the real CIFAR-10 mirror is not at" in ci.stdout, ci.stdout[-2000:]
-    local = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "nested"), test], cwd=REPO,
-                           env={**env, "CI": ""}, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert local.returncode == 0 and "SKIPPED" in local.stdout and "mirror is not at" in local.stdout, local.stdout[-2000:]
+    local = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "nested"),
+            test,
+        ],
+        cwd=REPO,
+        env={**env, "CI": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert local.returncode == 0 and "SKIPPED" in local.stdout and "mirror is not at" in local.stdout, local.stdout[
+        -2000:
+    ]

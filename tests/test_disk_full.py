@@ -52,9 +52,24 @@ def _spec(ladder_specs, epochs: int) -> dict:
 
 def _train(tiny_data: Path, spec: Path, out: Path, state: Path, log: Path) -> subprocess.CompletedProcess:
     """The train script as its rule runs it, its log redirected like the rule's."""
-    cmd = [sys.executable, str(SCRIPTS / "train.py"), "--data", str(tiny_data), "--spec", str(spec),
-           "--model-out", str(out / "model.keras"), "--history-out", str(out / "history.csv"),
-           "--info-out", str(out / "train_info.json"), "--state-dir", str(state), "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "train.py"),
+        "--data",
+        str(tiny_data),
+        "--spec",
+        str(spec),
+        "--model-out",
+        str(out / "model.keras"),
+        "--history-out",
+        str(out / "history.csv"),
+        "--info-out",
+        str(out / "train_info.json"),
+        "--state-dir",
+        str(state),
+        "--threads",
+        "1",
+    ]
     with open(log, "w") as fh:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=600, cwd=SCRIPTS)
 
@@ -88,7 +103,9 @@ def test_a_full_disk_fails_clearly_keeps_the_last_checkpoint_and_resumes_exactly
     text = log.read_text()
     assert failed.returncode == 1, text[-3000:]
     assert "the disk is full" in text and str(mount) in text, text[-3000:]
-    assert ("the checkpoint of epoch 3" in text) if fills_during == "checkpoint" else ("the trained model" in text), text[-2000:]
+    assert ("the checkpoint of epoch 3" in text) if fills_during == "checkpoint" else ("the trained model" in text), (
+        text[-2000:]
+    )
     assert "Traceback" not in text, "a full disk is an expected failure: one clear line, no traceback"
     assert _outputs_left(out) == [], f"half-written outputs left: {_outputs_left(out)}"
     assert saved_epoch(state) == 2, "the last sealed checkpoint must be kept"

@@ -28,8 +28,12 @@ TIMING = ["epoch_time", "images_per_s"]
 def _reference_code(root):
     """workflow_scripts/ of the REFERENCE commit, extracted under ``root``."""
     archive = root / "reference.tar"
-    proc = subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), REFERENCE, "workflow_scripts"],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        ["git", "archive", "--format=tar", "-o", str(archive), REFERENCE, "workflow_scripts"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         missing(f"git cannot give the reference commit {REFERENCE[:12]} (shallow clone?): {proc.stderr.strip()}")
     with tarfile.open(archive) as tar:
@@ -46,14 +50,60 @@ def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
         out.mkdir(parents=True)
         (out / "spec.json").write_text(json.dumps(spec))
         files[name] = {k: str(out / v) for k, v in (("model", "m.keras"), ("history", "h.csv"), ("info", "i.json"))}
-    side_by_side({name: [sys.executable, str(scripts / "train.py"), "--data", str(data), "--spec", str(root / name / "spec.json"),
-                         "--model-out", files[name]["model"], "--history-out", files[name]["history"],
-                         "--info-out", files[name]["info"], "--state-dir", str(root / name / "state"), "--seed", "2",
-                         "--threads", "1"] for name, scripts in sides.items()}, root / "train-logs")  # fmt: skip
-    side_by_side({name: [sys.executable, str(scripts / "evaluate.py"), "--data", str(data), "--manifest", str(data.with_suffix(".json")),
-                         "--model", files[name]["model"], "--history", files[name]["history"], "--train-info", files[name]["info"],
-                         "--metrics-out", str(root / name / "metrics.json"), "--probs-out", str(root / name / "probs.npz"),
-                         "--tta", tta, "--threads", "1"] for name, scripts in sides.items()}, root / "evaluate-logs")  # fmt: skip
+    side_by_side(
+        {
+            name: [
+                sys.executable,
+                str(scripts / "train.py"),
+                "--data",
+                str(data),
+                "--spec",
+                str(root / name / "spec.json"),
+                "--model-out",
+                files[name]["model"],
+                "--history-out",
+                files[name]["history"],
+                "--info-out",
+                files[name]["info"],
+                "--state-dir",
+                str(root / name / "state"),
+                "--seed",
+                "2",
+                "--threads",
+                "1",
+            ]
+            for name, scripts in sides.items()
+        },
+        root / "train-logs",
+    )
+    side_by_side(
+        {
+            name: [
+                sys.executable,
+                str(scripts / "evaluate.py"),
+                "--data",
+                str(data),
+                "--manifest",
+                str(data.with_suffix(".json")),
+                "--model",
+                files[name]["model"],
+                "--history",
+                files[name]["history"],
+                "--train-info",
+                files[name]["info"],
+                "--metrics-out",
+                str(root / name / "metrics.json"),
+                "--probs-out",
+                str(root / name / "probs.npz"),
+                "--tta",
+                tta,
+                "--threads",
+                "1",
+            ]
+            for name, scripts in sides.items()
+        },
+        root / "evaluate-logs",
+    )
     results = {}
     for name in sides:
         metrics = json.loads((root / name / "metrics.json").read_text())
@@ -75,7 +125,9 @@ def test_current_code_matches_the_reference_commit(name, changes, ladder_specs, 
     spec = copy.deepcopy(ladder_specs[name])
     for key, value in changes.items():
         spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
-    runs = _train_and_evaluate({"before": reference, "after": REPO / "workflow_scripts"}, tiny_data, spec, tmp_path, spec.get("tta", "none"))
+    runs = _train_and_evaluate(
+        {"before": reference, "after": REPO / "workflow_scripts"}, tiny_data, spec, tmp_path, spec.get("tta", "none")
+    )
     before, after = runs["before"], runs["after"]
     pd.testing.assert_frame_equal(after[0], before[0], check_exact=True)
     assert after[1] == before[1]

@@ -30,8 +30,19 @@ def _write(path, data):
 
 # ---- the profile and its scripts, without a cluster -------------------------------------------
 def test_gridengine_profile_plans_the_dag_with_the_right_resources(tmp_path):
-    proc = snakemake("--profile", str(GE_PROFILE), "--workflow-profile", "none", "-n", "--cores", "64",
-                     "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz")  # fmt: skip
+    proc = snakemake(
+        "--profile",
+        str(GE_PROFILE),
+        "--workflow-profile",
+        "none",
+        "-n",
+        "--cores",
+        "64",
+        "--directory",
+        str(tmp_path),
+        "--config",
+        "data_source=/x.tar.gz",
+    )
     jobs = _jobs(proc.stdout)
     assert jobs["train"] == jobs["evaluate"] > 0 and "download" in jobs, jobs  # counts: config.yaml's business
     blocks = [b for b in proc.stdout.split("\n\n") if re.search(r"^rule train:", b, re.M)]
@@ -41,8 +52,20 @@ def test_gridengine_profile_plans_the_dag_with_the_right_resources(tmp_path):
 
 
 def _jobscript(path, rule, threads, resources, wildcards=None):
-    props = {"type": "single", "rule": rule, "local": False, "input": [], "output": [], "wildcards": wildcards or {},
-             "params": {}, "log": [], "threads": threads, "resources": resources, "jobid": 7, "cluster": {}}  # fmt: skip
+    props = {
+        "type": "single",
+        "rule": rule,
+        "local": False,
+        "input": [],
+        "output": [],
+        "wildcards": wildcards or {},
+        "params": {},
+        "log": [],
+        "threads": threads,
+        "resources": resources,
+        "jobid": 7,
+        "cluster": {},
+    }
     path.write_text(f"#!/bin/sh\n# properties = {json.dumps(props)}\necho job\n")
     return str(path)
 
@@ -55,8 +78,13 @@ def _submit_dry_run(tmp_path, *args):
 
 def test_submit_maps_threads_memory_runtime_and_gpu_to_qsub_options(tmp_path):
     site = {"sge_queue": "gpu.q", "sge_pe": "smp", "sge_mem": "h_vmem,mem_free", "sge_gpu": "gpu"}
-    train = _jobscript(tmp_path / "train.sh", "train", 8, {"mem_mb": 16000, "runtime": 90, "gpu": 1, **site},
-                       {"model": "model_03", "seed": "0"})  # fmt: skip
+    train = _jobscript(
+        tmp_path / "train.sh",
+        "train",
+        8,
+        {"mem_mb": 16000, "runtime": 90, "gpu": 1, **site},
+        {"model": "model_03", "seed": "0"},
+    )
     cmd = _submit_dry_run(tmp_path, train)
     assert cmd[:6] == ["qsub", "-terse", "-V", "-cwd", "-S", "/bin/bash"] and cmd[-2:] == ["<", train], cmd
     opts = " ".join(cmd)
@@ -79,8 +107,9 @@ def test_submit_maps_threads_memory_runtime_and_gpu_to_qsub_options(tmp_path):
     (fake / "qsub").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/qsub.args\ncat > {tmp_path}/qsub.stdin\necho 123\n')
     (fake / "qsub").chmod(0o755)
     path = f"{fake}{os.pathsep}{os.environ['PATH']}"
-    proc = subprocess.run([str(SUBMIT), train], cwd=tmp_path, env={**os.environ, "PATH": path},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [str(SUBMIT), train], cwd=tmp_path, env={**os.environ, "PATH": path}, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stdout == "123\n", proc.stderr
     sent = (tmp_path / "qsub.stdin").read_text().splitlines()
     assert sent[1].startswith("# properties = ") and sent[2].startswith(f"export PATH={shlex.quote(path)} "), sent
@@ -112,8 +141,10 @@ def _status(tmp_path, env, jobid="42"):
 
 
 def _qstat_xml(*jobs):
-    rows = "".join(f"<job_list><JB_job_number>{j}</JB_job_number><JB_name>x</JB_name><state>{s}</state></job_list>"
-                   for j, s in jobs)  # fmt: skip
+    rows = "".join(
+        f"<job_list><JB_job_number>{j}</JB_job_number><JB_name>x</JB_name><state>{s}</state></job_list>"
+        for j, s in jobs
+    )
     return f"<?xml version='1.0'?><job_info><queue_info>{rows}</queue_info><job_info></job_info></job_info>"
 
 
@@ -169,22 +200,45 @@ def gridengine(tmp_path_factory):
 
 def _profile_args(workdir, extra, mirror):
     return [
-        "--profile", str(GE_PROFILE), "--workflow-profile", "none", "--directory", str(workdir),
-        "--configfile", TINY, extra, "--config", f"data_source={mirror}",
+        "--profile",
+        str(GE_PROFILE),
+        "--workflow-profile",
+        "none",
+        "--directory",
+        str(workdir),
+        "--configfile",
+        TINY,
+        extra,
+        "--config",
+        f"data_source={mirror}",
         # This cell's site settings, restating the profile's other defaults (as the docs say);
         # the profile's threads and set-resources apply.
-        "--default-resources", f"sge_queue='{QUEUE}'", f"sge_pe='{PE}'", "sge_mem='mem_free'",
-        f"sge_gpu='{GPU_COMPLEX}'", "runtime=30", "mem_mb=4000",
-        "--seconds-between-status-checks", "3", "--latency-wait", "10",
-    ]  # fmt: skip
+        "--default-resources",
+        f"sge_queue='{QUEUE}'",
+        f"sge_pe='{PE}'",
+        "sge_mem='mem_free'",
+        f"sge_gpu='{GPU_COMPLEX}'",
+        "runtime=30",
+        "mem_mb=4000",
+        "--seconds-between-status-checks",
+        "3",
+        "--latency-wait",
+        "10",
+    ]
 
 
 def _start(cmd, log, env):
     """Snakemake in its own session, SIGINT at its default: a shell that starts jobs in the
     background (nohup ... &) leaves SIGINT ignored, the child inherits that, Python then installs
     no KeyboardInterrupt handler and Snakemake never sees the Ctrl-C (two CI rehearsals failed so)."""
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _records(cluster, prefix, after):
@@ -215,7 +269,9 @@ def test_workflow_runs_on_gridengine_through_the_profile(gridengine, tmp_path):
         assert f"-pe {PE} {slots}" in category and f"{GPU_COMPLEX}=1" in category and f"-q {QUEUE}" in category, row
     assert "h_rt=5400" in train[0]["category"] and "mem_free=2000M" in train[0]["category"]  # 90 min; 16 GB / 8
     all_jobs = _records(gridengine, "smk.", before)
-    assert not any(r["jobname"].startswith(("smk.download", "smk.spec", "smk.model_info")) for r in all_jobs)  # localrules
+    assert not any(
+        r["jobname"].startswith(("smk.download", "smk.spec", "smk.model_info")) for r in all_jobs
+    )  # localrules
     logs = sorted(p.name for p in (tmp_path / ".snakemake/gridengine_logs/train").glob("*.log"))
     assert len(logs) == 2 and all(p.startswith("smk.train.model_") for p in logs), logs
     table1 = pd.read_csv(tmp_path / "reports/tiny/table1.csv")
@@ -236,7 +292,13 @@ def test_training_job_killed_with_qdel_is_resubmitted_and_resumes(gridengine, tm
     # The profile's own retries (2) resubmit the killed job. The target is the trained model: the
     # data stage and the training job, none of the report jobs that would follow.
     target = "results/tiny/models/model_03/seed_0/model.keras"
-    cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), target, *_profile_args(tmp_path, extra, mirror)]
+    cmd = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        target,
+        *_profile_args(tmp_path, extra, mirror),
+    ]
     with open(out, "w") as log:
         proc = _start(cmd, log, env)
     try:
@@ -261,7 +323,9 @@ def test_training_job_killed_with_qdel_is_resubmitted_and_resumes(gridengine, tm
     train_log = (tmp_path / "results/tiny/logs/train/model_03/seed_0.log").read_text()
     resumed = re.search(r"resuming after epoch (\d+)", train_log)
     assert resumed and int(resumed[1]) >= 2, train_log[-3000:]
-    assert f"INFO epoch {int(resumed[1]) + 1}/6" in train_log and f"INFO epoch {resumed[1]}/6" not in train_log, train_log[-3000:]
+    assert f"INFO epoch {int(resumed[1]) + 1}/6" in train_log and f"INFO epoch {resumed[1]}/6" not in train_log, (
+        train_log[-3000:]
+    )
     assert f"INFO restored epoch {resumed[1]}/6" in train_log, train_log[-3000:]
     history = pd.read_csv(tmp_path / "results/tiny/models/model_03/seed_0/history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]

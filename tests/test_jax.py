@@ -75,15 +75,22 @@ def jax_env(tmp_path_factory) -> dict:
 
 def run_jax(code: str, env: dict, timeout: float = 900) -> str:
     """Run ``code`` in a JAX process of its own, in the repository (config.yaml), TensorFlow blocked."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not ours_imported_tensorflow(env)
     return proc.stdout
 
 
 def test_every_entry_compiles_with_xla_on_jax(jax_env):
-    out = run_jax('''
+    out = run_jax(
+        """
         import json, yaml, numpy as np, keras
         from cnnstudy import configuration, models
         assert keras.backend.backend() == "jax"
@@ -98,7 +105,9 @@ def test_every_entry_compiles_with_xla_on_jax(jax_env):
             models.compile_model(model, spec, steps_per_epoch=10, jit_compile=True)
             result[name] = [model.jit_compile, sorted({type(l).__name__ for l in model._flatten_layers() if "Random" in type(l).__name__})]
         print(json.dumps(result))
-    ''', jax_env)
+    """,
+        jax_env,
+    )
     result = json.loads(out.splitlines()[-1])
     assert len(result) == 18 and all(jit for jit, _ in result.values()), result
     assert result["model_10"][1] == ["CompiledRandomRotation", "CompiledRandomTranslation"]
@@ -106,7 +115,8 @@ def test_every_entry_compiles_with_xla_on_jax(jax_env):
 
 
 def test_augmentation_on_jax_keeps_shapes_and_ranges_and_draws_from_seed_and_epoch(jax_env):
-    out = run_jax('''
+    out = run_jax(
+        """
         import json, jax, numpy as np, keras, yaml
         from cnnstudy import configuration, models, training
         spec = configuration.training_part(configuration.load(yaml.safe_load(open("config.yaml")))["model_10"])
@@ -130,7 +140,9 @@ def test_augmentation_on_jax_keeps_shapes_and_ranges_and_draws_from_seed_and_epo
         print(json.dumps({"shape": list(a.shape), "min": float(a.min()), "max": float(a.max()),
                           "same": bool(np.array_equal(a, b)), "other_epoch": bool(np.array_equal(a, c)),
                           "changed": float(np.abs(a - images).mean())}))
-    ''', jax_env)
+    """,
+        jax_env,
+    )
     got = json.loads(out.splitlines()[-1])
     assert got["shape"] == [16, 32, 32, 3] and 0.0 <= got["min"] and got["max"] <= 1.0 + 1e-6
     assert got["same"] and not got["other_epoch"] and got["changed"] > 0.01, got
@@ -144,9 +156,26 @@ def _job(ladder_specs, name: str, **changes) -> dict:
 
 
 def _train_cmd(data: Path, spec_file: Path, root: Path) -> list[str]:
-    return [sys.executable, str(SCRIPTS / "train.py"), "--data", str(data), "--spec", str(spec_file), "--seed", "1",
-            "--threads", "1", "--model-out", str(root / "model.keras"), "--history-out", str(root / "history.csv"),
-            "--info-out", str(root / "info.json"), "--state-dir", str(root / "state")]  # fmt: skip
+    return [
+        sys.executable,
+        str(SCRIPTS / "train.py"),
+        "--data",
+        str(data),
+        "--spec",
+        str(spec_file),
+        "--seed",
+        "1",
+        "--threads",
+        "1",
+        "--model-out",
+        str(root / "model.keras"),
+        "--history-out",
+        str(root / "history.csv"),
+        "--info-out",
+        str(root / "info.json"),
+        "--state-dir",
+        str(root / "state"),
+    ]
 
 
 def _weights(model_file: Path) -> list[np.ndarray]:
@@ -166,10 +195,20 @@ def _same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain", "early stopping"])
-def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(kind, jax_env, tiny_data, ladder_specs, tmp_path):
-    spec = (_job(ladder_specs, "model_01", epochs=3, batch_size=64) if kind == "plain" else
-            _job(ladder_specs, "model_10", epochs=6, batch_size=64,
-                 early_stopping={**ladder_specs["model_10"]["early_stopping"], "patience": 1}))  # fmt: skip
+def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
+    kind, jax_env, tiny_data, ladder_specs, tmp_path
+):
+    spec = (
+        _job(ladder_specs, "model_01", epochs=3, batch_size=64)
+        if kind == "plain"
+        else _job(
+            ladder_specs,
+            "model_10",
+            epochs=6,
+            batch_size=64,
+            early_stopping={**ladder_specs["model_10"]["early_stopping"], "patience": 1},
+        )
+    )
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     runs = {name: tmp_path / name for name in ("first", "second", "resumed")}
@@ -177,13 +216,16 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(k
         run.mkdir()
     # Started together (one thread each): the run to kill, and the uninterrupted run(s) to compare.
     with open(runs["resumed"] / "killed.log", "w") as log:
-        proc = subprocess.Popen(_train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, stdout=log, stderr=subprocess.STDOUT
+        )
     whole = ("first", "second") if kind == "early stopping" else ("first",)  # the same seed twice: one kind is enough
     uninterrupted = {}
     for name in whole:
         with open(runs[name] / "job.log", "w") as log:
-            uninterrupted[name] = subprocess.Popen(_train_cmd(tiny_data, spec_file, runs[name]), env=jax_env, stdout=log,
-                                                   stderr=subprocess.STDOUT)  # fmt: skip
+            uninterrupted[name] = subprocess.Popen(
+                _train_cmd(tiny_data, spec_file, runs[name]), env=jax_env, stdout=log, stderr=subprocess.STDOUT
+            )
     # Killed after its first checkpoint, mid-way through the next epoch; rerun below.
     wait_for_epoch(runs["resumed"] / "state", 1, proc, timeout=900)
     os.kill(proc.pid, signal.SIGKILL)
@@ -195,7 +237,9 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(k
         _same_run(runs["first"], runs["second"])
     info = json.loads((runs["first"] / "info.json").read_text())
     assert info["backend"] == "jax" and info["device"]["jax"] and info["jit_compile"] is True
-    proc = subprocess.run(_train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        _train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0 and "resuming after epoch" in proc.stderr, proc.stderr[-3000:]
     _same_run(runs["first"], runs["resumed"])
     assert not ours_imported_tensorflow(jax_env)

@@ -62,7 +62,9 @@ def test_rung_has_the_layers_its_entry_asks_for(ladder, name):
 
 def test_dropout_rates_follow_the_entry(ladder):
     rates = {
-        name: {layer.rate for layer in models.build_model(ladder[name]).layers if isinstance(layer, keras.layers.Dropout)}
+        name: {
+            layer.rate for layer in models.build_model(ladder[name]).layers if isinstance(layer, keras.layers.Dropout)
+        }
         for name in ("model_02", "model_10", "model_11")
     }
     assert rates == {"model_02": {0.25}, "model_10": {0.25}, "model_11": {0.1}}
@@ -81,7 +83,16 @@ def test_a_twelfth_rung_is_a_config_edit(ladder):
     with open(REPO / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     cfg["models"].append(
-        {"name": "model_12x", "base": "model_10", "note": "wider head", "layers": [{"Conv2D": {"filters": 16, "kernel_size": 5}}, {"GlobalMaxPooling2D": {}}, {"Dense": {"units": 300, "activation": "gelu"}}]}
+        {
+            "name": "model_12x",
+            "base": "model_10",
+            "note": "wider head",
+            "layers": [
+                {"Conv2D": {"filters": 16, "kernel_size": 5}},
+                {"GlobalMaxPooling2D": {}},
+                {"Dense": {"units": 300, "activation": "gelu"}},
+            ],
+        }
     )
     spec = configuration.load(cfg)["model_12x"]
     assert spec["optimizer"]["learning_rate"] == 0.001 and spec["batch_size"] == 128
@@ -124,7 +135,15 @@ def test_batchnorm_momentum_applies_where_a_layer_sets_none(ladder):
     spec = copy.deepcopy(ladder["model_10"])
     spec["batchnorm_momentum"] = 0.9
     spec["layers"] = [*spec["layers"], {"BatchNormalization": {"momentum": 0.5}}]
-    moms = [layer.momentum for layer in models.build_model(spec).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    moms = [
+        layer.momentum
+        for layer in models.build_model(spec).layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert moms == [0.9, 0.9, 0.9, 0.5]
-    default = [x.momentum for x in models.build_model(ladder["model_10"]).layers if isinstance(x, keras.layers.BatchNormalization)]
+    default = [
+        x.momentum
+        for x in models.build_model(ladder["model_10"]).layers
+        if isinstance(x, keras.layers.BatchNormalization)
+    ]
     assert default == [0.99, 0.99, 0.99]

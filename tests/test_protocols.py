@@ -70,18 +70,34 @@ def test_the_published_runs_specs_are_unchanged_by_protocols(cfg):
 
 def test_a_refit_of_a_published_run_reads_its_metrics_and_retrains_nothing_else(tmp_path):
     extra = tmp_path / "refit.yaml"
-    extra.write_text(yaml.safe_dump({
-        "run_models": ["refit"], "sweeps": [{"name": "refit", "base": "model_17", "grid": {"protocol": ["refit"]}, "seeds": [1]}],
-        "refit_epochs_from": str(REPO / "reports" / "study" / "metrics"),
-    }))  # fmt: skip
-    proc = snakemake("-n", "-p", "--directory", str(tmp_path), "--configfile", str(extra), "--config", "data_source=/x.tar.gz")
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "run_models": ["refit"],
+                "sweeps": [{"name": "refit", "base": "model_17", "grid": {"protocol": ["refit"]}, "seeds": [1]}],
+                "refit_epochs_from": str(REPO / "reports" / "study" / "metrics"),
+            }
+        )
+    )
+    proc = snakemake(
+        "-n", "-p", "--directory", str(tmp_path), "--configfile", str(extra), "--config", "data_source=/x.tar.gz"
+    )
     jobs = _jobs(proc.stdout)
     assert jobs["train"] == jobs["evaluate"] == 1, proc.stdout
     assert f"--epochs-from {REPO}/reports/study/metrics/model_17_seed1.json" in proc.stdout
     # Another spec (the tiny preset's one epoch, and its seeds [0]): the published run does not vouch
     # for it, so a refit needs its holdout run trained here, and says so if the run does not include it.
-    proc = snakemake("-n", "--directory", str(tmp_path), "--configfile", TINY, str(extra),
-                     "--config", "data_source=/x.tar.gz", check=False)  # fmt: skip
+    proc = snakemake(
+        "-n",
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        TINY,
+        str(extra),
+        "--config",
+        "data_source=/x.tar.gz",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "refits model_17 seed 0, whose metrics are neither in" in proc.stdout + proc.stderr
     assert "add model_17 with seed 0 to the run" in proc.stdout + proc.stderr
@@ -134,7 +150,12 @@ def test_a_refit_trains_on_train_and_validation_for_its_holdout_runs_kept_epochs
 def test_a_study_run_early_stops_on_the_test_split_and_is_marked(protocols_run):
     read = protocols_run["read"]
     study, history = read("metrics", STUDY), read("history", STUDY)
-    assert study["protocol"] == {**study["protocol"], "name": "study", "test_selected": True, "epochs_chosen_on": "test set"}
+    assert study["protocol"] == {
+        **study["protocol"],
+        "name": "study",
+        "test_selected": True,
+        "epochs_chosen_on": "test set",
+    }
     assert study["val"] is None and study["n_train"] == 700
     # Its validation columns measure the test images: at the kept epoch (best weights restored, no
     # weight average or TTA in model_06) Keras' cross-entropy on them is the evaluated test loss.
@@ -154,9 +175,15 @@ def test_refit_and_study_runs_stay_out_of_the_holdout_tables_and_fill_the_protoc
     assert set(pd.read_csv(reports / "compare.csv")["model"]) == {REFERENCE, HOLDOUT}
     table = pd.read_csv(reports / "protocols.csv")
     assert list(zip(table["model"], table["protocol"], table["entry"], strict=True)) == [
-        (HOLDOUT, "holdout", HOLDOUT), (HOLDOUT, "refit", REFIT), (HOLDOUT, "study", STUDY)]  # fmt: skip
+        (HOLDOUT, "holdout", HOLDOUT),
+        (HOLDOUT, "refit", REFIT),
+        (HOLDOUT, "study", STUDY),
+    ]
     assert (table["n"] == 1).all() and table["test_selected"].tolist() == [False, False, True]
-    test = {p: protocols_run["read"]("metrics", e)["test"]["accuracy"] for p, e in zip(table["protocol"], table["entry"], strict=True)}
+    test = {
+        p: protocols_run["read"]("metrics", e)["test"]["accuracy"]
+        for p, e in zip(table["protocol"], table["entry"], strict=True)
+    }
     assert table.set_index("protocol")["test_accuracy_mean"].to_dict() == pytest.approx(test)
     shown = (reports / "protocols.md").read_text()
     assert "study (test-selected)" in shown and shown.count("none (trained on it)") == 2
@@ -171,8 +198,12 @@ def test_the_protocols_run_is_complete_and_plots_without_holdout_entries(protoco
     assert "Nothing to be done" in proc.stdout + proc.stderr
     results = protocols_run["results"]
     runs = [REFIT, STUDY]
-    written = plots.main(str(results / "specs" / "models.json"), [str(results / f"metrics/{m}/seed_0/metrics.json") for m in runs],
-                         [str(results / f"models/{m}/seed_0/history.csv") for m in runs], str(tmp_path))  # fmt: skip
+    written = plots.main(
+        str(results / "specs" / "models.json"),
+        [str(results / f"metrics/{m}/seed_0/metrics.json") for m in runs],
+        [str(results / f"models/{m}/seed_0/history.csv") for m in runs],
+        str(tmp_path),
+    )
     assert all(Path(p).stat().st_size > 0 for p in written)
     assert (tmp_path / "curves" / f"{REFIT}_seed0.png").is_file()
 
@@ -201,8 +232,12 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     assert not (out / "tables" / "protocols.md").exists()  # no refit or study runs yet
     table4 = (out / "tables" / "table4.md").read_text()
     publish.main([str(later)], str(out), add_only=True)
-    assert {p.name for p in (out / "metrics").iterdir()} == {f"{n}_seed0.json" for n in (REFERENCE, HOLDOUT, REFIT, STUDY)}
-    assert (out / "figures" / "curves" / f"{STUDY}_seed0.png").is_file() and (out / "tables" / "table4.md").read_text() == table4
+    assert {p.name for p in (out / "metrics").iterdir()} == {
+        f"{n}_seed0.json" for n in (REFERENCE, HOLDOUT, REFIT, STUDY)
+    }
+    assert (out / "figures" / "curves" / f"{STUDY}_seed0.png").is_file() and (
+        out / "tables" / "table4.md"
+    ).read_text() == table4
     table = pd.read_csv(out / "tables" / "protocols.csv")
     assert table["protocol"].tolist() == ["holdout", "refit", "study"]
     assert pd.read_csv(out / "tables" / "table1.csv")["model"].tolist() == [REFERENCE, HOLDOUT]

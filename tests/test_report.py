@@ -35,7 +35,9 @@ def chromium() -> str:
         pytest.fail("headless Chromium is needed: apt-get install chromium")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt_update(env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900, env=env, capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900, env=env, capture_output=True
+    )
     return shutil.which("chromium")
 
 
@@ -53,7 +55,14 @@ def test_html_report_renders_tables_and_figures(tiny_run, tmp_path):
     report = tmp_path / "report.html"
     snakemake("--directory", str(tiny_run["work"]), "--configfile", TINY, *tiny_run["config"], "--report", str(report))
     assert report.stat().st_size > 100_000
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=args)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -68,10 +77,16 @@ def test_html_report_renders_tables_and_figures(tiny_run, tmp_path):
         _open_item(page, report, "Tables", "Table 3 - The models")
         assert "What changed" in next(f for f in page.frames if "table3.html" in f.url).inner_text("body")
 
-        for category, row in (("Learning curves", "model_10"), ("Confusion matrices", "model_10"), ("Across models", "Per-class F1")):
+        for category, row in (
+            ("Learning curves", "model_10"),
+            ("Confusion matrices", "model_10"),
+            ("Across models", "Per-class F1"),
+        ):
             _open_item(page, report, category, row)
             images = page.locator("img")
-            widths = [images.nth(i).evaluate("img => img.complete ? img.naturalWidth : 0") for i in range(images.count())]
+            widths = [
+                images.nth(i).evaluate("img => img.complete ? img.naturalWidth : 0") for i in range(images.count())
+            ]
             assert max(widths, default=0) > 300, f"{category}: no rendered image"
             page.screenshot(path=str(tmp_path / f"{category.replace(' ', '_')}.png"))
         browser.close()
@@ -81,7 +96,9 @@ def test_table3_parameter_counts_are_those_of_the_saved_models(tiny_run):
     table = pd.read_csv(tiny_run["work"] / "reports" / "tiny" / "table3.csv").set_index("model")
     assert list(table.index) == list(tiny_run["models"])
     for name in ("model_01", "model_07", "model_10", "model_16"):
-        model = keras.saving.load_model(tiny_run["work"] / "results" / "tiny" / "models" / name / "seed_0" / "model.keras")
+        model = keras.saving.load_model(
+            tiny_run["work"] / "results" / "tiny" / "models" / name / "seed_0" / "model.keras"
+        )
         assert table.loc[name, "params"] == model.count_params()
         assert table.loc[name, "layers"] == len(model.layers)
     assert table.loc["model_08", "changes"] == "batch_size: 512 → 128"
@@ -150,7 +167,9 @@ def test_two_seeds_give_mean_std_and_n(seeds_run):
     assert list(table.index) == ["model_01", "model_10"] and (table["n"] == 2).all()
     for name in table.index:
         runs = [
-            json.loads((seeds_run / "results" / "tiny" / "metrics" / name / f"seed_{seed}" / "metrics.json").read_text())
+            json.loads(
+                (seeds_run / "results" / "tiny" / "metrics" / name / f"seed_{seed}" / "metrics.json").read_text()
+            )
             for seed in (0, 1)
         ]
         for column, values in (
@@ -166,7 +185,9 @@ def test_two_seeds_give_mean_std_and_n(seeds_run):
     assert row.count("±") >= 9 and row.rstrip(" |").endswith("2")
     # Each seed trained its own model.
     seeds = {
-        json.loads((seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{s}" / "metrics.json").read_text())["provenance"]["seed"]
+        json.loads(
+            (seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{s}" / "metrics.json").read_text()
+        )["provenance"]["seed"]
         for s in (0, 1)
     }
     assert seeds == {0, 1}
@@ -193,11 +214,17 @@ def test_the_results_page_shows_the_seed_spread_as_training_noise(seeds_run, tmp
     # Where early stopping ended each seed of model_10 (early stopping from model_06 on; model_01 has none).
     assert "model_01, the same configuration" not in readme
     for seed in (0, 1):
-        m = json.loads((seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{seed}" / "metrics.json").read_text())
+        m = json.loads(
+            (seeds_run / "results" / "tiny" / "metrics" / "model_10" / f"seed_{seed}" / "metrics.json").read_text()
+        )
         assert f"seed {seed}: stopped after {m['epochs_run']}, kept epoch {m['kept_epoch']['epoch']}, " in readme
     # The machine and precision, as the runs' provenance records them (this machine's).
     device = m["provenance"]["device"]
-    ran_on = f"a {device['count']}-core CPU ({device['name']})" if device["kind"] == "CPU" else f"a {device['kind']} ({device['name']})"
+    ran_on = (
+        f"a {device['count']}-core CPU ({device['name']})"
+        if device["kind"] == "CPU"
+        else f"a {device['kind']} ({device['name']})"
+    )
     assert f"- **Precision.** {m['provenance']['precision']} on {ran_on};" in readme
     assert f"every run here trained on {ran_on};" in readme
     gpu = {"provenance": {"device": {"kind": "GPU", "name": "NVIDIA H200", "count": 1}, "precision": "mixed_float16"}}
@@ -208,7 +235,9 @@ def test_the_results_page_shows_the_seed_spread_as_training_noise(seeds_run, tmp
 def test_the_tables_target_regenerates_the_tables_alone(seeds_run):
     table = seeds_run / "reports" / "tiny" / "table1.md"
     table.unlink()
-    proc = snakemake("tables", "--directory", str(seeds_run), "--configfile", TINY, str(seeds_run / "seeds.yaml"), "--cores", "2")
+    proc = snakemake(
+        "tables", "--directory", str(seeds_run), "--configfile", TINY, str(seeds_run / "seeds.yaml"), "--cores", "2"
+    )
     assert table.is_file()
     jobs = _jobs(proc.stdout + proc.stderr)
     assert jobs == {"report": 1, "tables": 1}, jobs
@@ -224,7 +253,10 @@ def test_time_to_accuracy_reads_the_evaluated_model_after_each_epoch():
     from cnnstudy.tables import time_to
 
     metrics = {
-        "time_to_accuracy": [{"train_seconds": 100.0, "test_accuracy": 0.80}, {"train_seconds": 200.0, "test_accuracy": 0.90}],
+        "time_to_accuracy": [
+            {"train_seconds": 100.0, "test_accuracy": 0.80},
+            {"train_seconds": 200.0, "test_accuracy": 0.90},
+        ],
         "train_seconds": 210.0,
         "test": {"accuracy": 0.95},  # not a point of its own: the last epoch's point is the final model
     }
@@ -262,13 +294,19 @@ def test_a_new_table_is_one_registry_entry(tiny_run, tmp_path, monkeypatch):
 
     def sizes(inputs):
         frame = inputs.runs[["model", "params"]].drop_duplicates("model")
-        return frame, [tables.Column("model", "Model"), tables.Column("params", "Parameters")], "From model.count_params()."
+        return (
+            frame,
+            [tables.Column("model", "Model"), tables.Column("params", "Parameters")],
+            "From model.count_params().",
+        )
 
     monkeypatch.setattr(tables, "REGISTRY", [*tables.REGISTRY, tables.Table("sizes", "Model sizes", "table", sizes)])
     results = tiny_run["work"] / "results" / "tiny"
     metrics = sorted(str(p) for p in results.glob("metrics/*/seed_0/metrics.json"))
     written = report.main(str(results / "specs" / "models.json"), metrics, str(tmp_path), only=["sizes"])
-    assert set(written) == {"sizes"} and {p.name for p in tmp_path.iterdir()} == {f"sizes.{f}" for f in reporting.FORMATS}
+    assert set(written) == {"sizes"} and {p.name for p in tmp_path.iterdir()} == {
+        f"sizes.{f}" for f in reporting.FORMATS
+    }
     assert "| model_10 " in (tmp_path / "sizes.md").read_text()
 
 
@@ -290,7 +328,11 @@ def test_publish_writes_the_study_folder_from_two_results_directories(tiny_run, 
     out = tmp_path / "published"
     written = publish.main([str(study), str(later)], str(out))
     assert written["runs"] == 3 and list(written["table1"]["model"]) == ["model_01", "model_02", "model_18"]
-    assert {p.name for p in (out / "histories").iterdir()} == {"model_01_seed0.csv", "model_02_seed0.csv", "model_18_seed0.csv"}
+    assert {p.name for p in (out / "histories").iterdir()} == {
+        "model_01_seed0.csv",
+        "model_02_seed0.csv",
+        "model_18_seed0.csv",
+    }
     assert (out / "metrics" / "model_18_seed0.json").is_file() and (out / "figures" / "steps_forest.png").is_file()
     readme = (out / "README.md").read_text()
     assert "| model_18 |" in readme and "3 of " in readme
@@ -325,8 +367,16 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
 
     from cnnstudy import stats
 
-    accuracy = {("a", 0): 0.70, ("b", 0): 0.80, ("b", 1): 0.68, ("b", 2): 0.81,
-                ("c", 0): 0.70, ("c", 1): 0.69, ("c", 2): 0.85, ("d", 0): 0.90}  # fmt: skip
+    accuracy = {
+        ("a", 0): 0.70,
+        ("b", 0): 0.80,
+        ("b", 1): 0.68,
+        ("b", 2): 0.81,
+        ("c", 0): 0.70,
+        ("c", 1): 0.69,
+        ("c", 2): 0.85,
+        ("d", 0): 0.90,
+    }
     correct = {run: np.arange(1000) < round(acc * 1000) for run, acc in accuracy.items()}
     runs = pd.DataFrame([{"model": m, "seed": s, "test_accuracy": a} for (m, s), a in accuracy.items()])
     claims = {"b": "improved", "c": "no significant change", "d": "improved"}
@@ -349,7 +399,9 @@ def test_the_results_page_names_every_claimed_step_within_training_noise():
     assert "The claim held for us" not in text  # b: the study's numbers rose (+0.10), as ours did
     models["b"]["published"]["val_accuracy"] = 0.55
     text = " ".join(publish.claims_summary(stats.steps_frame(models, runs, correct)))
-    assert "The claim held for us, though the study's own numbers moved the other way, for b vs a (study -0.0500" in text
+    assert (
+        "The claim held for us, though the study's own numbers moved the other way, for b vs a (study -0.0500" in text
+    )
     models["b"]["published"]["val_accuracy"] = 0.70
     # A verdict of no significant change is not "the study's way" or "the other way" of one pair of numbers.
     unjudged = stats.steps_frame(models, runs, correct)
@@ -407,8 +459,16 @@ def test_the_training_code_hash_is_what_train_imports_by_content(tmp_path):
     before = {s: provenance.code_hash(s, root) for s in scripts}
     assert before["train.py"] == provenance.code_hash("train.py")
     closure = {p.relative_to(root).as_posix() for p in provenance.import_closure("train.py", root)}
-    assert {"train.py", "cnnstudy/training.py", "cnnstudy/models.py", "cnnstudy/checkpoint.py", "cnnstudy/predict.py",
-            "cnnstudy/datasets.py", "cnnstudy/runtime.py", "cnnstudy/weights.py"} <= closure  # fmt: skip
+    assert {
+        "train.py",
+        "cnnstudy/training.py",
+        "cnnstudy/models.py",
+        "cnnstudy/checkpoint.py",
+        "cnnstudy/predict.py",
+        "cnnstudy/datasets.py",
+        "cnnstudy/runtime.py",
+        "cnnstudy/weights.py",
+    } <= closure
     assert not {"cnnstudy/tables.py", "cnnstudy/stats.py", "report.py", "publish.py"} & closure
 
     with open(root / "cnnstudy" / "tables.py", "a") as fh:

@@ -139,23 +139,45 @@ def _entry(ladder_specs, name, **changes):
 def _kinds(ladder_specs):
     return {
         "plain": _entry(ladder_specs, "model_03", epochs=4, batch_size=64),
-        "early stopping": _entry(ladder_specs, "model_06", epochs=8, batch_size=64,
-                                 early_stopping={"patience": 1, "min_delta": 0.02}),
-        "two-phase": _entry(ladder_specs, "model_13", epochs=2, batch_size=64,
-                            backbone={"weights": "none", "fine_tune": {"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5}}),
-        "EMA + schedule": _entry(ladder_specs, "model_17", epochs=3, batch_size=100, time_to_accuracy=True,
-                                 optimizer={"ema_momentum": 0.5}),
-    }  # fmt: skip
+        "early stopping": _entry(
+            ladder_specs, "model_06", epochs=8, batch_size=64, early_stopping={"patience": 1, "min_delta": 0.02}
+        ),
+        "two-phase": _entry(
+            ladder_specs,
+            "model_13",
+            epochs=2,
+            batch_size=64,
+            backbone={"weights": "none", "fine_tune": {"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5}},
+        ),
+        "EMA + schedule": _entry(
+            ladder_specs, "model_17", epochs=3, batch_size=100, time_to_accuracy=True, optimizer={"ema_momentum": 0.5}
+        ),
+    }
 
 
 def _outs(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
-    return {"model_out": str(root / "model.keras"), "history_out": str(root / "history.csv"),
-            "info_out": str(root / "info.json"), "state_dir": str(root / "state")}  # fmt: skip
+    return {
+        "model_out": str(root / "model.keras"),
+        "history_out": str(root / "history.csv"),
+        "info_out": str(root / "info.json"),
+        "state_dir": str(root / "state"),
+    }
 
 
 def _cli(data, spec_file, outs) -> list[str]:
-    args = [sys.executable, str(SCRIPTS / "train.py"), "--data", str(data), "--spec", str(spec_file), "--seed", "1", "--threads", "1"]
+    args = [
+        sys.executable,
+        str(SCRIPTS / "train.py"),
+        "--data",
+        str(data),
+        "--spec",
+        str(spec_file),
+        "--seed",
+        "1",
+        "--threads",
+        "1",
+    ]
     return args + [f"--{k.replace('_', '-')}={v}" for k, v in outs.items()]
 
 
@@ -181,7 +203,9 @@ def _kill_and_rerun(data, spec_file, outs, point: str, epoch: int | None) -> str
         with open(Path(outs["state_dir"]).parent / "killed.log", "w") as log:
             proc = subprocess.Popen(_cli(data, spec_file, outs), stdout=log, stderr=subprocess.STDOUT)
         wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=600)
-        assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before its kill after checkpoint {epoch}: kill earlier"
+        assert proc.poll() is None, (
+            f"the job ended (exit {proc.returncode}) before its kill after checkpoint {epoch}: kill earlier"
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert saved_epoch(Path(outs["state_dir"])) >= epoch and not Path(outs["model_out"]).exists()
@@ -194,8 +218,16 @@ def _kill_and_rerun(data, spec_file, outs, point: str, epoch: int | None) -> str
 
 def _evaluate(data, outs, tta) -> dict:
     root = Path(outs["model_out"]).parent
-    metrics = evaluate.main(str(data), str(data.with_suffix(".json")), outs["model_out"], outs["history_out"],
-                            outs["info_out"], str(root / "metrics.json"), str(root / "probs.npz"), tta=tta)  # fmt: skip
+    metrics = evaluate.main(
+        str(data),
+        str(data.with_suffix(".json")),
+        outs["model_out"],
+        outs["history_out"],
+        outs["info_out"],
+        str(root / "metrics.json"),
+        str(root / "probs.npz"),
+        tta=tta,
+    )
     return {split: metrics[split] for split in ("val", "test")}
 
 

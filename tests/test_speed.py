@@ -211,6 +211,7 @@ def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs
 
     with np.load(tiny_data) as arrays:
         x = arrays["x_test"]
+
     def probs(images, tta):
         return predict.predict_views(model, images, tta)[0]
 
@@ -224,9 +225,15 @@ def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs
 
     metrics = tmp_path / "metrics.json"
     evaluate.main(
-        str(tiny_data), str(tiny_data.with_suffix(".json")), out["model_out"], out["history_out"], out["info_out"],
-        str(metrics), str(tmp_path / "probs.npz"), tta="flip_translate",
-    )  # fmt: skip
+        str(tiny_data),
+        str(tiny_data.with_suffix(".json")),
+        out["model_out"],
+        out["history_out"],
+        out["info_out"],
+        str(metrics),
+        str(tmp_path / "probs.npz"),
+        tta="flip_translate",
+    )
     saved = json.loads(metrics.read_text())
     assert saved["tta"] == "flip_translate" and 0 <= saved["test"]["accuracy_without_tta"] <= 1
     assert np.allclose(np.load(tmp_path / "probs.npz")["probs"], expected, atol=1e-4)
@@ -242,9 +249,16 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
         specs.append(str(path))
     out = tmp_path / "benchmark.md"
     result = benchmark.main(
-        str(tiny_data), str(out), specs=specs, images=200, rounds=1, processes=1, threads=2,
-        concurrency_jobs=[1, 2], sections=["paths", "concurrency", "backends"],
-    )  # fmt: skip
+        str(tiny_data),
+        str(out),
+        specs=specs,
+        images=200,
+        rounds=1,
+        processes=1,
+        threads=2,
+        concurrency_jobs=[1, 2],
+        sections=["paths", "concurrency", "backends"],
+    )
     rows = {row["model"]: row for row in result["models"]}
     assert set(rows) == {"model_17"}
     for row in rows.values():
@@ -264,7 +278,9 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
     backends = {row["backend"]: row for row in result["backends"]}
     assert list(backends) == ["tensorflow", "jax"] and "## Backends side by side" in text
     assert backends["jax"]["XLA"] is True and backends["jax"]["precision"] == "float32"
-    assert backends["tensorflow"]["XLA"] is False and backends["tensorflow"]["precision"] == rows["model_17"]["precision"]
+    assert (
+        backends["tensorflow"]["XLA"] is False and backends["tensorflow"]["precision"] == rows["model_17"]["precision"]
+    )
     for row in backends.values():
         assert row["train img/s"] > 0 and 0 < row["of the bf16 peak"] < 2 and row["bf16 peak GFLOP/s"] > 0
 
@@ -298,7 +314,9 @@ def test_keras_speed_can_time_a_network_without_its_augmentation_layers(ladder_s
     monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     spec = {**ladder_specs["model_09"], "batch_size": 64}
     kept, removed = (keras_speed.time_phases(spec, 64, 1, "mixed_bfloat16", without) for without in (False, True))
-    augmenting = [[type(layer).__name__ for layer in model.layers if "Random" in type(layer).__name__] for model in built]
+    augmenting = [
+        [type(layer).__name__ for layer in model.layers if "Random" in type(layer).__name__] for model in built
+    ]
     assert augmenting == [["RandomTranslation", "RandomRotation"], []]
     assert kept[0]["augmentation"] == "RandomTranslation, RandomRotation"
     assert removed[0]["augmentation"] == "removed (RandomTranslation, RandomRotation)"
@@ -312,7 +330,9 @@ def test_profile_times_every_convolution_of_an_epoch(tiny_data, ladder_specs, tm
 
     spec = tmp_path / "model_10.json"
     spec.write_text(json.dumps({**ladder_specs["model_10"], "batch_size": 50}))
-    result = profile_step.main(str(tiny_data), str(spec), str(tmp_path / "profile.md"), images=120, threads=1, peak_seconds=0.3)
+    result = profile_step.main(
+        str(tiny_data), str(spec), str(tmp_path / "profile.md"), images=120, threads=1, peak_seconds=0.3
+    )
     assert result["images"] == 100  # whole batches only
     by_kind = result["by_kind"].set_index(["kind", "direction"])
     conv = [k for k in by_kind.index if k[0] == "convolution"]
@@ -321,8 +341,9 @@ def test_profile_times_every_convolution_of_an_epoch(tiny_data, ladder_specs, tm
     model = models.build_model(ladder_specs["model_10"])
     per_image = sum(
         2 * np.prod(layer.kernel.shape) * layer.output.shape[1] * layer.output.shape[2]
-        for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
-    )  # fmt: skip
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    )
     assert by_kind.loc[("convolution", "forward_training"), "flops"] == 100 * per_image
     assert (by_kind.loc[conv, "share"] > 0).all() and result["peaks"]["bfloat16"] > 0
     # TensorFlow's trace of an epoch, by layer: the convolutions and the BatchNormalizations are there.
@@ -343,7 +364,9 @@ def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):
     image = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
     still = benchmark.StudyAugmentation({"augmentation": [{"RandomRotation": {"factor": 0.0}}]})
     assert np.allclose(still.transform(image, np.random.default_rng(0)), image, atol=1e-6)  # identity
-    shifted = benchmark.StudyAugmentation({"augmentation": [{"RandomTranslation": {"height_factor": 0.0, "width_factor": 0.1}}]})
+    shifted = benchmark.StudyAugmentation(
+        {"augmentation": [{"RandomTranslation": {"height_factor": 0.0, "width_factor": 0.1}}]}
+    )
     moved = shifted.transform(image, np.random.default_rng(1))
     assert moved.shape == image.shape and not np.allclose(moved, image)
     batches = augmentation.flow(image[None].repeat(10, 0), np.eye(10, dtype="float32"), batch_size=4)
@@ -353,15 +376,17 @@ def test_benchmark_study_augmentation_matches_the_entry(ladder_specs):
 def test_flops_are_counted_from_the_layers_by_hand_arithmetic():
     from cnnstudy import flops
 
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Conv2D(4, 3, padding="same"),   # 8x8 outputs x 4 filters x (3x3x3) multiply-adds
-        keras.layers.BatchNormalization(),           # elementwise: not counted
-        keras.layers.MaxPooling2D(),                 # -> 4x4x4
-        keras.layers.Conv2D(5, 2, padding="valid"),  # 3x3 outputs x 5 filters x (2x2x4)
-        keras.layers.Flatten(),
-        keras.layers.Dense(10),                      # 45 x 10
-    ])  # fmt: skip
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same"),  # 8x8 outputs x 4 filters x (3x3x3) multiply-adds
+            keras.layers.BatchNormalization(),  # elementwise: not counted
+            keras.layers.MaxPooling2D(),  # -> 4x4x4
+            keras.layers.Conv2D(5, 2, padding="valid"),  # 3x3 outputs x 5 filters x (2x2x4)
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),  # 45 x 10
+        ]
+    )
     expected = 2 * (8 * 8 * 4 * 3 * 3 * 3 + 3 * 3 * 5 * 2 * 2 * 4 + 45 * 10)
     assert flops.forward_flops(model) == expected
     peak = flops.matmul_peak("float32", size=256, seconds=0.3)
@@ -391,8 +416,13 @@ def test_conv_muon_orthogonalises_conv_steps_and_takes_nesterov_sgd_elsewhere():
 def test_conv_muon_anneals_a_variable_to_zero_then_freezes_it():
     # airbench94_muon's whitening bias: its rate falls from the peak to 0 over its steps (for the
     # step and the weight decay), then nothing moves it; the other variables keep the rate.
-    annealed, plain = keras.Variable(np.ones(4, "float32"), name="annealed"), keras.Variable(np.ones(4, "float32"), name="plain")
-    opt = optimizers.ConvMuon(learning_rate=0.1, momentum=0.5, weight_decay=0.01, annealed={"annealed": 3}, anneal_peak=0.1)
+    annealed, plain = (
+        keras.Variable(np.ones(4, "float32"), name="annealed"),
+        keras.Variable(np.ones(4, "float32"), name="plain"),
+    )
+    opt = optimizers.ConvMuon(
+        learning_rate=0.1, momentum=0.5, weight_decay=0.01, annealed={"annealed": 3}, anneal_peak=0.1
+    )
     grad = np.ones(4, "float32")
     expected_a, expected_p, buffer_a, buffer_p = 1.0, 1.0, 0.0, 0.0
     for step in range(6):
@@ -401,7 +431,9 @@ def test_conv_muon_anneals_a_variable_to_zero_then_freezes_it():
         buffer_a, buffer_p = 0.5 * buffer_a + 1, 0.5 * buffer_p + 1
         expected_a = expected_a - expected_a * 0.01 * rate - rate * (1 + 0.5 * buffer_a)
         expected_p = expected_p - expected_p * 0.01 * 0.1 - 0.1 * (1 + 0.5 * buffer_p)
-        assert np.allclose(annealed.numpy(), expected_a, rtol=1e-5) and np.allclose(plain.numpy(), expected_p, rtol=1e-5)
+        assert np.allclose(annealed.numpy(), expected_a, rtol=1e-5) and np.allclose(
+            plain.numpy(), expected_p, rtol=1e-5
+        )
         if step == 2:
             frozen = annealed.numpy().copy()
     assert np.array_equal(annealed.numpy(), frozen)  # steps 3, 4, 5: rate 0, no decay, no momentum
@@ -417,7 +449,10 @@ def test_bias_anneal_hands_the_whitening_bias_and_its_steps_to_the_optimizer(lad
     whitening["bias_anneal"] = True
     model = models.compile_model(models.build_model(spec), spec, steps_per_epoch=23)
     bias = next(layer for layer in model.layers if isinstance(layer, layers.PatchWhitening)).bias
-    assert model.optimizer.annealed == {bias.path: 3 * 23} and model.optimizer.anneal_peak == spec["optimizer"]["learning_rate"]
+    assert (
+        model.optimizer.annealed == {bias.path: 3 * 23}
+        and model.optimizer.anneal_peak == spec["optimizer"]["learning_rate"]
+    )
     spec["optimizer"] = {"name": "sgd", "learning_rate": 0.1}
     with pytest.raises(ConfigError, match="bias_anneal needs the conv_muon optimizer"):
         models.compile_model(models.build_model(spec), spec, steps_per_epoch=23)

@@ -22,7 +22,9 @@ POINTS = SWEEP_POINTS
 
 
 def test_a_sweep_expands_into_entries_that_train_and_fill_the_sweep_table(sweep_run):
-    planned = {line.split("model=")[1].split(",")[0] for line in sweep_run["dry"].splitlines() if "wildcards: model=" in line}
+    planned = {
+        line.split("model=")[1].split(",")[0] for line in sweep_run["dry"].splitlines() if "wildcards: model=" in line
+    }
     assert planned == {"model_01", *POINTS}  # `snakemake -n` shows the expansion
     for name in POINTS:
         spec = json.loads((sweep_run["results"] / "specs" / f"{name}.json").read_text())
@@ -48,7 +50,9 @@ def test_a_bad_sweep_is_a_config_error_before_any_job(grid, message, tmp_path):
 
     extra = tmp_path / "bad.yaml"
     extra.write_text(yaml.safe_dump({"sweeps": [{"name": "bad", "base": "model_10", "grid": grid}]}))
-    proc = snakemake("-n", "--directory", str(tmp_path), "--configfile", str(extra), "--config", "data_source=/x", check=False)
+    proc = snakemake(
+        "-n", "--directory", str(tmp_path), "--configfile", str(extra), "--config", "data_source=/x", check=False
+    )
     assert proc.returncode != 0 and re.search(message, proc.stdout + proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "results").exists()
 
@@ -106,10 +110,22 @@ def test_mlflow_server_serves_the_runs(sweep_run):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", recorded["tracking_uri"], "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            recorded["tracking_uri"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         body, deadline = None, time.time() + 120
         request = urllib.request.Request(
@@ -130,9 +146,22 @@ def test_mlflow_server_serves_the_runs(sweep_run):
 
 
 def test_compare_shows_only_what_differs_sorted(sweep_run):
-    proc = subprocess.run([sys.executable, str(TOOLS / "compare.py"), "--results", str(sweep_run["results"]),
-                           "--sweep", "lr", "--sort", "optimizer.learning_rate", "--ascending"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TOOLS / "compare.py"),
+            "--results",
+            str(sweep_run["results"]),
+            "--sweep",
+            "lr",
+            "--sort",
+            "optimizer.learning_rate",
+            "--ascending",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| model_01")]
     assert [line.split("|")[1].strip() for line in lines] == POINTS[::-1]  # 0.005 first
     header = proc.stdout.splitlines()[0]

@@ -38,16 +38,23 @@ def test_train_then_evaluate(tiny_data, ladder_specs, tmp_path):
     assert not (tmp_path / "state").exists()  # removed once the outputs are written
     history = pd.read_csv(out["history_out"])
     assert history["epoch"].tolist() == [1, 2]
-    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time", "images_per_s"} <= set(history)
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time", "images_per_s"} <= set(
+        history
+    )
     assert history["learning_rate"].iloc[0] == pytest.approx(0.001)
     assert info["epochs_run"] == 2 and info["seed"] == 3 and info["n_train"] == 400
     assert info["precision"] in ("float32", "mixed_bfloat16") and info["device"]["kind"] == "CPU"
 
     metrics_out, probs_out = tmp_path / "metrics.json", tmp_path / "probs.npz"
     result = evaluate.main(
-        str(tiny_data), str(tiny_data.with_suffix(".json")), out["model_out"], out["history_out"], out["info_out"],
-        str(metrics_out), str(probs_out),
-    )  # fmt: skip
+        str(tiny_data),
+        str(tiny_data.with_suffix(".json")),
+        out["model_out"],
+        out["history_out"],
+        out["info_out"],
+        str(metrics_out),
+        str(probs_out),
+    )
     saved = json.loads(metrics_out.read_text())
     probs = np.load(probs_out)
     assert probs["probs"].shape == (200, 10) and np.allclose(probs["probs"].sum(1), 1, atol=1e-5)
@@ -60,7 +67,9 @@ def test_train_then_evaluate(tiny_data, ladder_specs, tmp_path):
     prov = saved["provenance"]
     assert prov["training"]["packages"]["tensorflow"] and prov["seed"] == 3 and prov["data"]["npz_md5"]
     assert prov["spec_hash"] == info["spec_hash"]
-    assert saved["val"]["accuracy"] == pytest.approx(history["val_accuracy"].iloc[saved["kept_epoch"]["epoch"] - 1], abs=0.011)
+    assert saved["val"]["accuracy"] == pytest.approx(
+        history["val_accuracy"].iloc[saved["kept_epoch"]["epoch"] - 1], abs=0.011
+    )
     assert saved["kept_epoch"]["cross_entropy"] > 0 and "per_class" not in saved["val"]
 
 
@@ -85,7 +94,16 @@ def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_spec
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = _outputs(tmp_path)
     state = tmp_path / "state"
-    args = ["--data", str(tiny_data), "--spec", str(tmp_path / "spec.json"), "--state-dir", str(state), "--threads", "2"]
+    args = [
+        "--data",
+        str(tiny_data),
+        "--spec",
+        str(tmp_path / "spec.json"),
+        "--state-dir",
+        str(state),
+        "--threads",
+        "2",
+    ]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in out.items()]
 
     proc = _run_cli(args, tmp_path / "first.log", wait=False)
@@ -119,7 +137,9 @@ def test_state_of_a_different_job_is_discarded(tiny_data, ladder_specs, tmp_path
 
 def test_missing_data_is_named(ladder_specs, tmp_path):
     with pytest.raises(FileNotFoundError, match="training data not found: .*nope.npz"):
-        train.main(str(tmp_path / "nope.npz"), ladder_specs["model_01"], **_outputs(tmp_path), state_dir=str(tmp_path / "s"))
+        train.main(
+            str(tmp_path / "nope.npz"), ladder_specs["model_01"], **_outputs(tmp_path), state_dir=str(tmp_path / "s")
+        )
 
 
 def test_a_job_that_must_have_a_gpu_fails_at_once_without_one(tiny_data, ladder_specs, tmp_path):
@@ -133,7 +153,9 @@ def test_a_job_that_must_have_a_gpu_fails_at_once_without_one(tiny_data, ladder_
 def test_training_records_its_code(tiny_data, ladder_specs, tmp_path):
     from cnnstudy import provenance
 
-    info = train.main(str(tiny_data), _spec(ladder_specs, "model_01", epochs=1), **_outputs(tmp_path), state_dir=str(tmp_path / "s"))
+    info = train.main(
+        str(tiny_data), _spec(ladder_specs, "model_01", epochs=1), **_outputs(tmp_path), state_dir=str(tmp_path / "s")
+    )
     recorded = info["provenance"]
     assert recorded["code_hash"] == provenance.code_hash("train.py") and len(recorded["code_hash"]) == 16
     assert recorded["git_commit"] and len(recorded["git_commit"]) == 40 and isinstance(recorded["git_dirty"], bool)
@@ -160,17 +182,46 @@ def test_jobs_refuse_the_packages_tensorflow_would_import_for_nothing(tiny_data,
     spec.write_text(json.dumps(_spec(ladder_specs, "model_01", epochs=1, batch_size=100)))
     out = _outputs(tmp_path)
     jobs = {
-        "train": ["train.py", "--data", str(tiny_data), "--spec", str(spec), "--threads", "1", "--state-dir", str(tmp_path / "s"),
-                  *(f"--{k.replace('_', '-')}={v}" for k, v in out.items())],
-        "evaluate": ["evaluate.py", "--data", str(tiny_data), "--manifest", str(tiny_data.with_suffix(".json")),
-                     "--model", out["model_out"], "--history", out["history_out"], "--train-info", out["info_out"],
-                     "--metrics-out", str(tmp_path / "metrics.json"), "--probs-out", str(tmp_path / "probs.npz")],
-    }  # fmt: skip
+        "train": [
+            "train.py",
+            "--data",
+            str(tiny_data),
+            "--spec",
+            str(spec),
+            "--threads",
+            "1",
+            "--state-dir",
+            str(tmp_path / "s"),
+            *(f"--{k.replace('_', '-')}={v}" for k, v in out.items()),
+        ],
+        "evaluate": [
+            "evaluate.py",
+            "--data",
+            str(tiny_data),
+            "--manifest",
+            str(tiny_data.with_suffix(".json")),
+            "--model",
+            out["model_out"],
+            "--history",
+            out["history_out"],
+            "--train-info",
+            out["info_out"],
+            "--metrics-out",
+            str(tmp_path / "metrics.json"),
+            "--probs-out",
+            str(tmp_path / "probs.npz"),
+        ],
+    }
     loaded = {}
     for job, (script, *args) in jobs.items():
         log = tmp_path / f"{job}.loaded"
-        proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env={**env, "LOADED_LOG": str(log)},
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPTS / script), *args],
+            env={**env, "LOADED_LOG": str(log)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         loaded[job] = log.read_text().split()
     assert loaded == {"train": ["tensorflow"], "evaluate": ["sklearn", "tensorflow"]}

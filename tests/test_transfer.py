@@ -53,7 +53,12 @@ def test_frozen_backbone_trains_only_the_head(tiny_data, ladder_specs, name, bac
     base = model.get_layer("backbone")
     assert base.name == "backbone" and base.input_shape[1:3] == (size, size)
     kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds[:4] == ["InputLayer", "RandomRotation", "RandomFlip", "Resizing" if size != 32 else "BackbonePreprocess"]
+    assert kinds[:4] == [
+        "InputLayer",
+        "RandomRotation",
+        "RandomFlip",
+        "Resizing" if size != 32 else "BackbonePreprocess",
+    ]
     assert model.get_layer("backbone_preprocess").backbone == backbone
     assert _head_only(model) == {"predictions"}  # GAP has no weights; the backbone none trainable
     assert not any(layer.trainable for layer in base.layers)
@@ -107,7 +112,9 @@ def test_keras_names_and_hashes_are_discovered():
     assert src["fname"] == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert src["file_hash"] == "6d6bbae143d832006294945121d1f1fc"
     assert src["origin"].startswith("https://storage.googleapis.com/")
-    assert weights.keras_source("InceptionV3", 75)["fname"] == "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert (
+        weights.keras_source("InceptionV3", 75)["fname"] == "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    )
     assert weights.keras_source("ResNet50")["fname"] == "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
@@ -122,7 +129,12 @@ def fake_keras_file(tmp_path, monkeypatch):
     monkeypatch.setattr(
         weights,
         "keras_source",
-        lambda name, size=32: {"backbone": name, "fname": fname, "origin": f"http://127.0.0.1:9/{fname}", "file_hash": digest},
+        lambda name, size=32: {
+            "backbone": name,
+            "fname": fname,
+            "origin": f"http://127.0.0.1:9/{fname}",
+            "file_hash": digest,
+        },
     )
     return blob_path, fname, digest
 
@@ -170,11 +182,16 @@ def test_training_uses_the_cached_file_and_refuses_a_corrupt_one(fake_keras_file
     fetch_weights.main("VGG16", str(cache), str(manifest))
     spec = _spec(ladder_specs, "model_12", weights="imagenet")
     spec.update(epochs=1, batch_size=64)
-    outs = {k: str(tmp_path / f) for k, f in (("model_out", "m.keras"), ("history_out", "h.csv"), ("info_out", "i.json"))}
+    outs = {
+        k: str(tmp_path / f) for k, f in (("model_out", "m.keras"), ("history_out", "h.csv"), ("info_out", "i.json"))
+    }
     info = train.main(str(tiny_data), spec, **outs, state_dir=str(tmp_path / "s"), weights_manifest=str(manifest))
     assert info["backbone_weights"] == str(cache / fname)
     trained = keras.saving.load_model(outs["model_out"]).get_layer("backbone")
-    np.testing.assert_array_equal(trained.get_weights()[0], keras.applications.VGG16(include_top=False, weights=str(blob_path), input_shape=(32, 32, 3)).get_weights()[0])
+    np.testing.assert_array_equal(
+        trained.get_weights()[0],
+        keras.applications.VGG16(include_top=False, weights=str(blob_path), input_shape=(32, 32, 3)).get_weights()[0],
+    )
 
     (cache / fname).write_bytes(b"not weights")
     with pytest.raises(JobError, match=rf"ImageNet weights file .*{fname} is corrupt \(hash .*, expected {digest}\)"):
@@ -187,7 +204,9 @@ def test_training_uses_the_cached_file_and_refuses_a_corrupt_one(fake_keras_file
 def test_two_phase_fine_tuning(tiny_data, ladder_specs, tmp_path):
     spec = _spec(ladder_specs, "model_13", fine_tune={"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5})
     spec.update(epochs=1, batch_size=64)
-    outs = {k: str(tmp_path / f) for k, f in (("model_out", "m.keras"), ("history_out", "h.csv"), ("info_out", "i.json"))}
+    outs = {
+        k: str(tmp_path / f) for k, f in (("model_out", "m.keras"), ("history_out", "h.csv"), ("info_out", "i.json"))
+    }
     info = train.main(str(tiny_data), spec, **outs, state_dir=str(tmp_path / "s"))
     history = pd.read_csv(outs["history_out"])
     assert history["epoch"].tolist() == [1, 2, 3] and history["phase"].tolist() == [1, 2, 2]

@@ -34,8 +34,21 @@ CI_SELECTION = ["model_09_seed0", "model_17_seed0"]
 def verify(work, published, runs, epochs, check=True, *extra):
     """`snakemake verify_published` at nice 19 (it starts early: conftest.early)."""
     config = f"verify={{published: {published}, runs: [{', '.join(runs)}], epochs: {epochs}}}"
-    return snakemake("verify_published", "--directory", str(work), "--cores", "2", "--show-failed-logs", *extra,
-                     "--config", f"data_source={require_mirror()}", config, check=check, timeout=2400, nice=19)  # fmt: skip
+    return snakemake(
+        "verify_published",
+        "--directory",
+        str(work),
+        "--cores",
+        "2",
+        "--show-failed-logs",
+        *extra,
+        "--config",
+        f"data_source={require_mirror()}",
+        config,
+        check=check,
+        timeout=2400,
+        nice=19,
+    )
 
 
 def machine_differences(run: str = "model_09_seed0") -> list[str]:
@@ -44,7 +57,9 @@ def machine_differences(run: str = "model_09_seed0") -> list[str]:
     same TensorFlow and precision) computes other numbers from the first epoch on."""
     import verify_published
 
-    return verify_published.machine_differences(json.loads((PUBLISHED / "metrics" / f"{run}.json").read_text())["provenance"])
+    return verify_published.machine_differences(
+        json.loads((PUBLISHED / "metrics" / f"{run}.json").read_text())["provenance"]
+    )
 
 
 def _native_model_01(work: Path, root: Path) -> Path:
@@ -121,10 +136,12 @@ def _verify_checks(tmp_path_factory, started) -> dict:
     side: CI's selection against the published study; model_01 against its native and altered
     studies. Name -> Future of the chain's result."""
     full_data = started["full_data"].result()
-    return two_at_a_time({
-        "ci": functools.partial(verify, full_data, PUBLISHED, CI_SELECTION, 1, False, "--keep-going"),
-        "model_01": functools.partial(_check_model_01, full_data, tmp_path_factory.mktemp("model_01")),
-    })  # fmt: skip
+    return two_at_a_time(
+        {
+            "ci": functools.partial(verify, full_data, PUBLISHED, CI_SELECTION, 1, False, "--keep-going"),
+            "model_01": functools.partial(_check_model_01, full_data, tmp_path_factory.mktemp("model_01")),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +189,9 @@ def test_an_altered_published_row_fails_naming_run_epoch_and_column(verify_check
     assert "model_01 seed 0: code changed: epoch 1, column val_loss: published" in out, out[-4000:]
     assert "model_01 seed 1: machine differs" in out and "Another CPU 9000" in out, out[-4000:]
     assert "model_01 seed 1: code changed" not in out
-    assert not any(_check_file(work, f"model_01_seed{seed}").exists() for seed in (0, 1)), "a failed check records nothing"
+    assert not any(_check_file(work, f"model_01_seed{seed}").exists() for seed in (0, 1)), (
+        "a failed check records nothing"
+    )
 
 
 @pytest.mark.slow
@@ -227,9 +246,10 @@ def test_recorded_checks_clear_the_mark_of_the_runs_they_verified(verify_checks,
     assert prov.loc[("model_10", 1), "Code now"] == "verified"
     unchecked = prov.drop(index=[("model_01", 0), ("model_10", 1)])
     trained_here = {  # runs trained by the current training code (the refit and study runs) need no check
-        (m["model"], m["seed"]) for m in map(json.loads, map(Path.read_text, (study / "metrics").glob("*.json")))
+        (m["model"], m["seed"])
+        for m in map(json.loads, map(Path.read_text, (study / "metrics").glob("*.json")))
         if m["provenance"]["training"]["code_hash"] == provenance.code_hash("train.py")
-    }  # fmt: skip
+    }
     expected = ["same" if run in trained_here else "differs †" for run in unchecked.index]
     assert unchecked["Code now"].tolist() == expected, unchecked["Code now"].to_dict()
     table1 = pd.read_csv(study / "tables" / "table1.csv").set_index("model")["trained_by_other_code"]

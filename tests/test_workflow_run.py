@@ -60,11 +60,17 @@ def test_table1_has_one_row_per_rung_with_values_in_range(tiny_run):
 def test_table2_has_the_transfer_models_with_the_studys_numbers(tiny_run):
     reports = tiny_run["work"] / "reports" / "tiny"
     table = pd.read_csv(reports / "table2.csv")
-    assert table["model"].tolist() == _table(tiny_run, 2) == ["model_12", "model_13", "model_14", "model_15", "model_16"]
+    assert (
+        table["model"].tolist() == _table(tiny_run, 2) == ["model_12", "model_13", "model_14", "model_15", "model_16"]
+    )
     assert table["test_accuracy_mean"].between(0, 1).all()
     assert table.set_index("model")["epochs_run_mean"].to_dict() == {
-        "model_12": 1, "model_13": 2, "model_14": 1, "model_15": 1, "model_16": 1,
-    }  # fmt: skip  (model_13 trains in two phases)
+        "model_12": 1,
+        "model_13": 2,
+        "model_14": 1,
+        "model_15": 1,
+        "model_16": 1,
+    }  # model_13 trains in two phases
     assert table.set_index("model").loc["model_14", "val_accuracy_study"] == 0.43
     for fmt in ("md", "html"):
         assert "model_16" in (reports / f"table2.{fmt}").read_text()
@@ -79,7 +85,9 @@ def test_changing_one_learning_rate_replans_only_that_model(tiny_run, tmp_path):
     model_04["optimizer"] = {"name": "sgd", "learning_rate": 0.02}
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc = snakemake("-n", "--directory", str(tiny_run["work"]), "--configfile", str(changed), TINY, *tiny_run["config"])
+    proc = snakemake(
+        "-n", "--directory", str(tiny_run["work"]), "--configfile", str(changed), TINY, *tiny_run["config"]
+    )
     # model_info holds every resolved entry, plots, tables and MLflow read every evaluation: each redoes once.
     assert _jobs(proc.stdout) == {
         "spec": 1,

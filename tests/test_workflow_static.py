@@ -47,16 +47,22 @@ def test_snakefmt_check_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_ruff_check_is_clean():
-    """The Python linter, with the rules pyproject.toml selects (pyflakes, isort, bugbear, ...)."""
-    proc = subprocess.run([str(BIN / "ruff"), "check", "."], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_ruff_check_and_format_are_clean():
+    """The Python linter, with the rules pyproject.toml selects (pyflakes, isort, bugbear, ...),
+    and its formatter: every file as `ruff format` writes it."""
+    for command in (["check", "."], ["format", "--check", "."]):
+        proc = subprocess.run([str(BIN / "ruff"), *command], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_nested_command_line_overrides_are_read_as_numbers(tmp_path):
     """Snakemake passes nested --config values on as strings; YAML reads 1e-3 as one."""
-    config = ["--config", "data_source=/x.tar.gz", "run_models=[model_10]",
-              "model_overrides={epochs: 2, optimizer: {learning_rate: 1e-3}, dropout: 0.1}"]  # fmt: skip
+    config = [
+        "--config",
+        "data_source=/x.tar.gz",
+        "run_models=[model_10]",
+        "model_overrides={epochs: 2, optimizer: {learning_rate: 1e-3}, dropout: 0.1}",
+    ]
     proc = snakemake("-n", "--directory", str(tmp_path), *config)
     assert "train" in proc.stdout
     snakemake("results/specs/model_10.json", "--directory", str(tmp_path), "--cores", "1", *config)  # a local rule
@@ -79,15 +85,27 @@ def test_verify_published_plans_one_job_per_published_run_only_when_asked(tmp_pa
     published = len(list((REPO / "reports" / "study" / "metrics").glob("*_seed*.json")))
     # As `make verify-published` plans it: the published refit and study runs are the protocols preset's entries.
     protocols = ("--configfile", str(REPO / "presets" / "protocols.yaml"), "--config", "run_models=null")
-    jobs = _jobs(snakemake("-n", "verify_published", "--directory", str(tmp_path), *protocols, "data_source=/x.tar.gz").stdout)
+    jobs = _jobs(
+        snakemake("-n", "verify_published", "--directory", str(tmp_path), *protocols, "data_source=/x.tar.gz").stdout
+    )
     assert jobs["verify_run"] == published and jobs["spec"] == len({p.split("_seed")[0] for p in _published(REPO)})
     chosen = "verify={runs: [model_09_seed0, model_17_seed0], epochs: 1}"
-    proc = snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz", chosen)
+    proc = snakemake(
+        "-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz", chosen
+    )
     assert _jobs(proc.stdout)["verify_run"] == 2 and "epochs_1.json" in proc.stdout
     # Other targets never read the published runs: a run of one entry plans as before.
     snakemake("-n", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz", "run_models=[model_10]")
-    proc = snakemake("-n", "verify_published", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz",
-                     "run_models=[model_10]", check=False)  # fmt: skip
+    proc = snakemake(
+        "-n",
+        "verify_published",
+        "--directory",
+        str(tmp_path),
+        "--config",
+        "data_source=/x.tar.gz",
+        "run_models=[model_10]",
+        check=False,
+    )
     assert proc.returncode != 0 and "not in this config's models" in proc.stdout + proc.stderr
 
 
@@ -115,7 +133,9 @@ def test_the_readme_layout_names_every_folder_profile_and_script():
     names = {p.stem for folder in ("workflow_scripts", "tools") for p in (REPO / folder).glob("*.py")}
     for path in [*(REPO / "workflow_scripts").glob("*.py"), *(REPO / "tools").glob("*.py")]:
         imported = set(re.findall(r"^\s*(?:import|from) (\w+)", path.read_text(), re.M))
-        assert not imported & names, f"{path.name} imports {sorted(imported & names)}: move what they share into cnnstudy"
+        assert not imported & names, (
+            f"{path.name} imports {sorted(imported & names)}: move what they share into cnnstudy"
+        )
 
 
 # The modules where private Keras has no public way, each one concern, each with a comment at the
@@ -137,14 +157,24 @@ def test_private_members_are_used_only_where_they_are_defined_outside_three_modu
             continue
         tree = ast.parse(path.read_text())
         own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        own |= {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
-                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}  # fmt: skip
-        private = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-                   and n.attr.startswith("_") and not n.attr.startswith("__")}  # fmt: skip
+        own |= {
+            t.attr
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Assign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+        }
+        private = {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+        }
         private -= own
-        private |= {f"import {n.module}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                    and (n.module or "").startswith("keras.src")}  # fmt: skip
+        private |= {
+            f"import {n.module}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("keras.src")
+        }
         if private:
             found[str(path.relative_to(REPO))] = sorted(private)
     assert not found, f"private members of other code (Keras?) outside {sorted(PRIVATE_KERAS)}: {found}"
@@ -160,8 +190,11 @@ def _planned_commands(tmp_path) -> list[list[str]]:
     dry = ["-n", "-p", "--directory", str(tmp_path), "--config", "data_source=/x.tar.gz"]
     out = snakemake("all", "benchmark", "verify_published", *dry, "verify={runs: [model_09_seed0], epochs: 1}").stdout
     out += snakemake("all", *dry[:-2], "--configfile", str(REPO / "presets" / "protocols.yaml"), *dry[-2:]).stdout
-    return [shlex.split(line.split("Shell command: ", 1)[1].split(" > ")[0]) for line in out.splitlines()
-            if line.startswith("Shell command: python ")]  # fmt: skip
+    return [
+        shlex.split(line.split("Shell command: ", 1)[1].split(" > ")[0])
+        for line in out.splitlines()
+        if line.startswith("Shell command: python ")
+    ]
 
 
 def test_every_planned_command_is_its_scripts_main(tmp_path):
@@ -189,7 +222,16 @@ def test_every_planned_command_is_its_scripts_main(tmp_path):
         assert python == "python" and path.startswith(str(REPO / "workflow_scripts")), path
         name = path.rsplit("/", 1)[1].removesuffix(".py")
         scripts[name] = parse(name, argv)
-    assert set(scripts) == {"train", "evaluate", "preprocess", "report", "plots", "track", "benchmark", "verify_published"}
+    assert set(scripts) == {
+        "train",
+        "evaluate",
+        "preprocess",
+        "report",
+        "plots",
+        "track",
+        "benchmark",
+        "verify_published",
+    }
     assert any("--epochs-from" in c for c in commands) and any("--weights-manifest" in c for c in commands)
     rules = (REPO / "rules" / "data.smk").read_text() + (REPO / "rules" / "train.smk").read_text()
     for name in ("download", "fetch_weights"):
@@ -205,8 +247,14 @@ def test_a_scripts_command_line_follows_its_mains_signature():
 
     from cnnstudy import cli
 
-    def main(data: str, mode: typing.Literal["a", "b"] = "a", limit: int | None = None, flag: bool = True,
-             files: list[str] = (), md5: dict | None = None) -> None: ...  # fmt: skip
+    def main(
+        data: str,
+        mode: typing.Literal["a", "b"] = "a",
+        limit: int | None = None,
+        flag: bool = True,
+        files: list[str] = (),
+        md5: dict | None = None,
+    ) -> None: ...
 
     parser = cli.parser_for(main, {"data": "input"})
     args = vars(parser.parse_args(["--data", "x", "--limit", "none", "--flag", "false", "--files", "p", "q"]))

@@ -23,14 +23,22 @@ from cnnstudy.errors import JobError
 from cnnstudy.files import read_json
 
 
-def main(results: str, models: list[str] | None = None, sweep: str | None = None, sort: str = "val_accuracy",
-         ascending: bool = False) -> str:  # fmt: skip
+def main(
+    results: str,
+    models: list[str] | None = None,
+    sweep: str | None = None,
+    sort: str = "val_accuracy",
+    ascending: bool = False,
+) -> str:
     info = configuration.complete(read_json(Path(results) / "specs" / "models.json"))
     metrics = [read_json(p) for p in sorted(Path(results).glob("metrics/*/seed_*/metrics.json"))]
     if not metrics:
         raise JobError(f"no finished runs under {results}/metrics")
-    names = [n for n in info if (not models or any(fnmatch.fnmatch(n, p) for p in models))
-             and (not sweep or info[n].get("sweep") == sweep)]  # fmt: skip
+    names = [
+        n
+        for n in info
+        if (not models or any(fnmatch.fnmatch(n, p) for p in models)) and (not sweep or info[n].get("sweep") == sweep)
+    ]
     try:
         frame, differ = tables.compare_frame(info, tables.per_run(metrics), names, sort, ascending)
     except KeyError as exc:
@@ -48,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="a results directory")
     p.add_argument("--models", nargs="*", default=None, help="entry names or shell patterns (default: all)")
     p.add_argument("--sweep", default=None, help="only the points of this sweep")
-    p.add_argument("--sort", default="val_accuracy", help=f"a metric ({', '.join(tables.COMPARE_METRICS)}) or a setting")
+    p.add_argument(
+        "--sort", default="val_accuracy", help=f"a metric ({', '.join(tables.COMPARE_METRICS)}) or a setting"
+    )
     p.add_argument("--ascending", action="store_true")
     return p
 

@@ -103,11 +103,18 @@ def time_phases(spec: dict, images: int, rounds: int, precision: str, without_au
         times = EpochTimes()
         model.fit(x, y, batch_size=batch, epochs=1 + rounds, shuffle=False, verbose=0, callbacks=[times])
         warm_up, rates = times.seconds[0], [len(x) / seconds for seconds in times.seconds[1:]]
-        rows.append({
-            "model": spec["name"], "phase": index, "epochs": phase["epochs"], "batch size": batch, "augmentation": layers,
-            "train img/s": float(np.median(rates)), "warm-up s": warm_up,
-            "train GFLOP/img": flops.TRAIN_FACTOR * flops.forward_flops(model) / 1e9,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": spec["name"],
+                "phase": index,
+                "epochs": phase["epochs"],
+                "batch size": batch,
+                "augmentation": layers,
+                "train img/s": float(np.median(rates)),
+                "warm-up s": warm_up,
+                "train GFLOP/img": flops.TRAIN_FACTOR * flops.forward_flops(model) / 1e9,
+            }
+        )
         log.info("%s", json.dumps(rows[-1]))
     return rows
 
@@ -121,23 +128,29 @@ def report(rows: list[dict], peak: float, dtype: str, settings: str, peak_size: 
     table[f"of the {dtype} peak"] = table["train TFLOP/s"] * 1e12 / peak
     table["s per epoch"] = train_images / table["train img/s"]
     table["min for its epochs"] = table["s per epoch"] * table["epochs"] / 60
-    return "\n".join([
-        "# Training speed through Keras alone",
-        "",
-        settings,
-        "",
-        (f"Training FLOPs per image as in benchmark.md (cnnstudy/flops.py: conv and dense multiply-adds x 2 x 3). "
-        f"Peak: chained {peak_size}x{peak_size} `keras.ops.matmul`s in {dtype}, {peak / 1e12:.1f} TFLOP/s, "
-        f"measured in the same process before the rows. s per epoch and minutes for its epochs: at this rate, "
-        f"for {train_images} training images and the phase's configured epochs (early stopping may end it "
-        "sooner). A frozen backbone runs forward only, so the TFLOP/s of a phase that keeps it frozen are "
-        "overstated (up to 3x)."),
-        "",
-        table.to_markdown(index=False, floatfmt=("", "", "", "", "", ",.0f", ".1f", ".3f", ".2f", ".1%", ".1f", ".1f")),
-        "",
-        f"All rows: {table['min for its epochs'].sum():.1f} min of training at these rates.",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "# Training speed through Keras alone",
+            "",
+            settings,
+            "",
+            (
+                f"Training FLOPs per image as in benchmark.md (cnnstudy/flops.py: conv and dense multiply-adds x 2 x 3). "
+                f"Peak: chained {peak_size}x{peak_size} `keras.ops.matmul`s in {dtype}, {peak / 1e12:.1f} TFLOP/s, "
+                f"measured in the same process before the rows. s per epoch and minutes for its epochs: at this rate, "
+                f"for {train_images} training images and the phase's configured epochs (early stopping may end it "
+                "sooner). A frozen backbone runs forward only, so the TFLOP/s of a phase that keeps it frozen are "
+                "overstated (up to 3x)."
+            ),
+            "",
+            table.to_markdown(
+                index=False, floatfmt=("", "", "", "", "", ",.0f", ".1f", ".3f", ".2f", ".1%", ".1f", ".1f")
+            ),
+            "",
+            f"All rows: {table['min for its epochs'].sum():.1f} min of training at these rates.",
+            "",
+        ]
+    )
 
 
 def main(
@@ -193,7 +206,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--train-images", type=int, default=45000, help="training images per epoch in a real run")
     p.add_argument("--peak-size", type=int, default=4096, help="side of the square matrices of the peak")
-    p.add_argument("--without-augmentation", action="store_true", help="time the networks without their augmentation layers")
+    p.add_argument(
+        "--without-augmentation", action="store_true", help="time the networks without their augmentation layers"
+    )
     return p
 
 

@@ -58,8 +58,17 @@ def parse(lines) -> pd.DataFrame:
         if match:
             mb, ic, oc, oh, kh, ow, kw = map(int, match.groups())
             flops = 2.0 * mb * oc * oh * ow * ic * kh * kw
-        rows.append({"kind": kind, "direction": prop, "impl": impl, "dtype": dtype, "shape": desc,
-                     "ms": float(fields[-1]), "flops": flops})  # fmt: skip
+        rows.append(
+            {
+                "kind": kind,
+                "direction": prop,
+                "impl": impl,
+                "dtype": dtype,
+                "shape": desc,
+                "ms": float(fields[-1]),
+                "flops": flops,
+            }
+        )
     return pd.DataFrame(rows, columns=["kind", "direction", "impl", "dtype", "shape", "ms", "flops"])
 
 
@@ -139,10 +148,29 @@ def _values(out: str, key: str) -> list[str]:
     return next(line[len(prefix) :].split() for line in out.splitlines() if line.startswith(prefix))
 
 
-def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, precision: str = "auto",
-         peak_seconds: float = 3.0) -> dict:  # fmt: skip
-    args = ["--data", data, "--spec", spec, "--images", str(images), "--threads", str(threads), "--precision", precision,
-            "--peak-seconds", str(peak_seconds)]  # fmt: skip
+def main(
+    data: str,
+    spec: str,
+    out: str,
+    images: int = 2048,
+    threads: int = 2,
+    precision: str = "auto",
+    peak_seconds: float = 3.0,
+) -> dict:
+    args = [
+        "--data",
+        data,
+        "--spec",
+        spec,
+        "--images",
+        str(images),
+        "--threads",
+        str(threads),
+        "--precision",
+        precision,
+        "--peak-seconds",
+        str(peak_seconds),
+    ]
     quiet, loud = _run_child(args, verbose=False), _run_child(args, verbose=True)
     wall, n, policy = float(_values(quiet, "wall")[0]), int(_values(quiet, "wall")[2]), _values(quiet, "wall")[4]
     loud_wall = float(_values(loud, "wall")[0])
@@ -151,8 +179,10 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
     if prims.empty:
         raise RuntimeError("oneDNN printed no primitive: is this TensorFlow built with oneDNN (TF_ENABLE_ONEDNN_OPTS)?")
     by_kind, layers = primitive_tables(prims, peaks, loud_wall)
-    ops = pd.DataFrame([line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
-                       columns=["ms", "layer"]).astype({"ms": float})  # fmt: skip
+    ops = pd.DataFrame(
+        [line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
+        columns=["ms", "layer"],
+    ).astype({"ms": float})
     ops = ops.sort_values("ms", ascending=False)[["layer", "ms"]]
     ops["share"] = ops["ms"] / ops["ms"].sum()
     conv = prims[prims["kind"] == "convolution"]
@@ -164,11 +194,18 @@ def main(data: str, spec: str, out: str, images: int = 2048, threads: int = 2, p
         f"Peaks in the same process: bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, float32 {peaks['float32'] / 1e9:.0f} GFLOP/s.",
         f"Convolutions: {conv['ms'].sum() / 1e3:.2f} s for {conv['flops'].sum() / 1e9:.1f} GFLOP "
         f"({conv['flops'].sum() / (conv['ms'].sum() / 1e3) / 1e9:.0f} GFLOP/s while they run).",
-    ]  # fmt: skip
+    ]
     with atomic_path(Path(out)) as tmp:
         tmp.write_text(page(head, by_kind, ops, layers))
-    return {"images": n, "wall": wall, "verbose_wall": loud_wall, "peaks": peaks, "by_kind": by_kind, "convolutions": layers,
-            "by_layer": ops}  # fmt: skip
+    return {
+        "images": n,
+        "wall": wall,
+        "verbose_wall": loud_wall,
+        "peaks": peaks,
+        "by_kind": by_kind,
+        "convolutions": layers,
+        "by_layer": ops,
+    }
 
 
 def primitive_tables(prims: pd.DataFrame, peaks: dict, loud_wall: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -180,10 +217,19 @@ def primitive_tables(prims: pd.DataFrame, peaks: dict, loud_wall: float) -> tupl
     by_kind.loc[len(by_kind)] = ["(not oneDNN: casts, TF kernels, optimizer)", "", "", outside, 0.0]
     by_kind["share"] = by_kind["ms"] / (loud_wall * 1e3)
     by_kind["GFLOP/s"] = (by_kind["flops"] / by_kind["ms"] / 1e6).where(by_kind["flops"] > 0)
-    by_kind["of peak"] = [f / (ms / 1e3) / peak(d) if f else float("nan") for f, ms, d in zip(by_kind["flops"], by_kind["ms"], by_kind["dtype"], strict=True)]
+    by_kind["of peak"] = [
+        f / (ms / 1e3) / peak(d) if f else float("nan")
+        for f, ms, d in zip(by_kind["flops"], by_kind["ms"], by_kind["dtype"], strict=True)
+    ]
     by_kind = by_kind.sort_values("ms", ascending=False)
-    layers = prims[prims["kind"] == "convolution"].groupby(["direction", "shape", "impl", "dtype"], as_index=False)[["ms", "flops"]].sum()
-    layers["of peak"] = [f / (ms / 1e3) / peak(d) for f, ms, d in zip(layers["flops"], layers["ms"], layers["dtype"], strict=True)]
+    layers = (
+        prims[prims["kind"] == "convolution"]
+        .groupby(["direction", "shape", "impl", "dtype"], as_index=False)[["ms", "flops"]]
+        .sum()
+    )
+    layers["of peak"] = [
+        f / (ms / 1e3) / peak(d) for f, ms, d in zip(layers["flops"], layers["ms"], layers["dtype"], strict=True)
+    ]
     return by_kind, layers.sort_values("ms", ascending=False)
 
 
@@ -191,29 +237,43 @@ def page(head: list[str], by_kind: pd.DataFrame, ops: pd.DataFrame, layers: pd.D
     """The Markdown page: ``head``'s lines, then the tables by primitive, by layer (the layers
     under 1 % of the ops' time together) and the convolutions."""
     big = ops["share"] >= 0.01
-    shown = pd.concat([ops[big], pd.DataFrame([{"layer": "(each under 1 %, together)", "ms": ops.loc[~big, "ms"].sum(),
-                                                "share": ops.loc[~big, "share"].sum()}])])  # fmt: skip
-    return "\n".join([
-        *head,
-        "",
-        "## By primitive kind and direction",
-        "",
-        by_kind.to_markdown(index=False, floatfmt=".3g"),
-        "",
-        "## By layer (TensorFlow's trace of another epoch)",
-        "",
-        f"Every op the executor ran, by the layer it belongs to ({ops['ms'].sum() / 1e3:.2f} s of ops).",
-        "",
-        shown.to_markdown(index=False, floatfmt=".3g"),
-        "",
-        "## Convolutions, largest first",
-        "",
-        layers.to_markdown(index=False, floatfmt=".3g"),
-        "",
-        "share: of the profiled epoch's wall time (verbose on); of peak: the primitive's FLOP/s over the",
-        "matmul peak of its data type. Machine, day and load make absolute times vary: read the shares.",
-        "",
-    ])  # fmt: skip
+    shown = pd.concat(
+        [
+            ops[big],
+            pd.DataFrame(
+                [
+                    {
+                        "layer": "(each under 1 %, together)",
+                        "ms": ops.loc[~big, "ms"].sum(),
+                        "share": ops.loc[~big, "share"].sum(),
+                    }
+                ]
+            ),
+        ]
+    )
+    return "\n".join(
+        [
+            *head,
+            "",
+            "## By primitive kind and direction",
+            "",
+            by_kind.to_markdown(index=False, floatfmt=".3g"),
+            "",
+            "## By layer (TensorFlow's trace of another epoch)",
+            "",
+            f"Every op the executor ran, by the layer it belongs to ({ops['ms'].sum() / 1e3:.2f} s of ops).",
+            "",
+            shown.to_markdown(index=False, floatfmt=".3g"),
+            "",
+            "## Convolutions, largest first",
+            "",
+            layers.to_markdown(index=False, floatfmt=".3g"),
+            "",
+            "share: of the profiled epoch's wall time (verbose on); of peak: the primitive's FLOP/s over the",
+            "matmul peak of its data type. Machine, day and load make absolute times vary: read the shares.",
+            "",
+        ]
+    )
 
 
 def parser() -> argparse.ArgumentParser:

@@ -110,12 +110,16 @@ def claims_summary(table4) -> list[str]:
         + ("; each keeps its sign in every pair of runs." if not (held_flips or other_flips) else "."),
     ]
     if held_flips:
-        lines.append(f"The sign of the step changes from one pair of runs to another for {held_flips}: the claim held"
-                     " for the pair compared, but that is within training noise.")  # fmt: skip
+        lines.append(
+            f"The sign of the step changes from one pair of runs to another for {held_flips}: the claim held"
+            " for the pair compared, but that is within training noise."
+        )
     if other_flips:
-        lines.append(f"The sign of the step also changes between pairs of runs for {other_flips}, where our verdict went"
-                     " against the study's claim: that verdict is the compared pair's and within training noise, so it"
-                     " does not refute the claim.")  # fmt: skip
+        lines.append(
+            f"The sign of the step also changes between pairs of runs for {other_flips}, where our verdict went"
+            " against the study's claim: that verdict is the compared pair's and within training noise, so it"
+            " does not refute the claim."
+        )
     # The study's own published numbers against our verdict: which way each moved (+1, -1; 0 when
     # a verdict or claim is "no significant change", which one pair of numbers cannot judge).
     direction = {"improved": 1, "worse": -1}
@@ -125,16 +129,22 @@ def claims_summary(table4) -> list[str]:
     held_known = held[known.index]
 
     def listed(rows) -> str:
-        return ", ".join(f"{r['model']} vs {r['compared_to']} (study {r['study_diff']:+.4f}, ours {r['diff']:+.4f})"
-                         for _, r in rows.iterrows())  # fmt: skip
+        return ", ".join(
+            f"{r['model']} vs {r['compared_to']} (study {r['study_diff']:+.4f}, ours {r['diff']:+.4f})"
+            for _, r in rows.iterrows()
+        )
 
     if (our_way := known[~held_known & (study == ours) & (ours != 0)]).size:
-        lines.append(f"Where our verdict went against the study's words, its own published numbers moved our way for "
-                     f"{listed(our_way)}: the text claims what its table does not show.")  # fmt: skip
+        lines.append(
+            f"Where our verdict went against the study's words, its own published numbers moved our way for "
+            f"{listed(our_way)}: the text claims what its table does not show."
+        )
     if (other_way := known[~held_known & (study == -ours) & (ours != 0)]).size:
         lines.append(f"Its numbers moved the other way for {listed(other_way)}: that step did not reproduce.")
     if (unsupported := known[held_known & (study != claim) & (claim != 0)]).size:
-        lines.append(f"The claim held for us, though the study's own numbers moved the other way, for {listed(unsupported)}.")
+        lines.append(
+            f"The claim held for us, though the study's own numbers moved the other way, for {listed(unsupported)}."
+        )
     return lines
 
 
@@ -153,9 +163,16 @@ def reproduced_by(metrics: list[dict], total: int) -> list[str]:
         "match has trained the same arithmetic (data order, augmentation and dropout draws, optimizer, schedule).",
     ]
     if checks:
-        lines.append("**Reproduce these runs from:** " + "; ".join(
-            f"commit {commit[:12]} (" + ", ".join(f"{n} of {total} runs: epochs {epochs}" for epochs, n in sorted(done.items())) + ")"
-            for commit, done in checks.items()) + ": `git checkout` it and run the recipe in the repository's README.")  # fmt: skip
+        lines.append(
+            "**Reproduce these runs from:** "
+            + "; ".join(
+                f"commit {commit[:12]} ("
+                + ", ".join(f"{n} of {total} runs: epochs {epochs}" for epochs, n in sorted(done.items()))
+                + ")"
+                for commit, done in checks.items()
+            )
+            + ": `git checkout` it and run the recipe in the repository's README."
+        )
     lines += [
         "The tables mark † a run whose training code (the train script and every module it imports) differs",
         "from this checkout's and that no such check has vouched for; tables/provenance.md has each run's",
@@ -180,8 +197,14 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
         return []
     several = table1[table1["n"] > 1]  # the widest seed spread of any rung: the scale a one-seed gap is read against
     scale = several.sort_values("test_accuracy_std", ascending=False).head(1)
-    spread = (f"{scale['model'].iloc[0]}'s seed spread ({scale['test_accuracy_std'].iloc[0]:.3f}, the standard deviation of its "
-              "holdout test accuracy)") if len(scale) else "the seed spread of an entry run with several seeds"  # fmt: skip
+    spread = (
+        (
+            f"{scale['model'].iloc[0]}'s seed spread ({scale['test_accuracy_std'].iloc[0]:.3f}, the standard deviation of its "
+            "holdout test accuracy)"
+        )
+        if len(scale)
+        else "the seed spread of an entry run with several seeds"
+    )
     lines = [
         "",
         "## Method or irreproducibility? Three protocols",
@@ -200,31 +223,46 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
         text = "; ".join(
             f"{p} {tables.cell(r['test_accuracy_mean'], r['test_accuracy_std'], 4)} (n {int(r['n'])}, {r['epochs_run_mean']:.0f} epochs)"
             for p, r in by.items()
-        )  # fmt: skip
+        )
         study = rows["study_test_accuracy"].iloc[0]
         if hold is None:
             lines.append(f"- **{rung}**: {text}; its holdout runs are not published here.")
             continue
         if pd.isna(study):  # a rung beyond the study: refit against holdout
-            deltas = ", ".join(f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}"
-                               for p, r in by.items() if p != "holdout")  # fmt: skip
+            deltas = ", ".join(
+                f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}"
+                for p, r in by.items()
+                if p != "holdout"
+            )
             lines.append(f"- **{rung}** (beyond the study): {text}. {deltas}.")
             continue
         gap = hold["gap_to_study"]
         parts = [f"- **{rung}** (study {study:.4f}): {text}. Holdout is {gap:+.4f} from the study"]
         for p in ("study", "refit"):
             if p in by:
-                parts.append(f"the study's protocol {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
-                             if p == "study" else f"refit {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})")  # fmt: skip
+                parts.append(
+                    f"the study's protocol {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
+                    if p == "study"
+                    else f"refit {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
+                )
         remaining = min((by[p]["gap_to_study"] for p in by), key=abs)  # the smallest gap any protocol leaves
         parts.append(f"what remains: {remaining:+.4f}")
         single = all(int(r["n"]) == 1 for r in by.values())
-        lines.append("; ".join(parts) + "." + (f" One seed per protocol: read these against {spread}." if single else ""))
+        lines.append(
+            "; ".join(parts) + "." + (f" One seed per protocol: read these against {spread}." if single else "")
+        )
     return lines
 
 
-def page(out: Path, info: dict, table1: pd.DataFrame, table4: pd.DataFrame, runs: list, expected: int,
-         protocols_frame: pd.DataFrame | None = None) -> str:  # fmt: skip
+def page(
+    out: Path,
+    info: dict,
+    table1: pd.DataFrame,
+    table4: pd.DataFrame,
+    runs: list,
+    expected: int,
+    protocols_frame: pd.DataFrame | None = None,
+) -> str:
     """The results page, written for a reader of the study: each section from the published
     files (the runs' metrics and their provenance, the tables)."""
     metrics = [read_json(out / "metrics" / f"{m}_seed{s}.json") for m, s, _ in runs]
@@ -247,7 +285,13 @@ def machines(metrics: list[dict]) -> str:
     for m in metrics:
         device = m["provenance"].get("device") or {}
         kind, name, count = device.get("kind", "?"), device.get("name", ""), device.get("count")
-        text = f"a {count}-core {kind}" if kind == "CPU" and count else f"a {kind}" if kind != "?" else "an unrecorded device"
+        text = (
+            f"a {count}-core {kind}"
+            if kind == "CPU" and count
+            else f"a {kind}"
+            if kind != "?"
+            else "an unrecorded device"
+        )
         text += f" ({name})" if name else ""
         if text not in found:
             found.append(text)
@@ -262,7 +306,9 @@ def precisions(metrics: list[dict]) -> str:
 def _header(metrics: list[dict], finished: int, expected: int) -> list[str]:
     trained = [m["provenance"].get("training", {}) for m in metrics]
     originals = [t.get("original") or t for t in trained]  # as trained, before any re-attribution
-    commits = sorted({(t.get("git_commit") or "unknown")[:12] + ("-dirty" if t.get("git_dirty") else "") for t in originals})
+    commits = sorted(
+        {(t.get("git_commit") or "unknown")[:12] + ("-dirty" if t.get("git_dirty") else "") for t in originals}
+    )
     threads = sorted({(m["provenance"].get("threads") or {}).get("intra_op") for m in metrics} - {None})
     seconds = sum(m["train_seconds"] for m in metrics)
     return [
@@ -332,10 +378,14 @@ def _steps_section(table4: pd.DataFrame) -> list[str]:
             several = r["n_new"] > 1 or r["n_ref"] > 1
             lines.append(
                 f"| {r['model']} vs {r['compared_to']} | {r['study_claim'] or '(beyond the study)'} | "
-                + (f"{r['study_diff']:+.4f}" if pd.notna(r["study_diff"]) else "") + f" | **{r['verdict']}** | "
+                + (f"{r['study_diff']:+.4f}" if pd.notna(r["study_diff"]) else "")
+                + f" | **{r['verdict']}** | "
                 f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] (seed {r['seed']}) | {r['p_holm']:.2g} | "
-                + (f"{r['mean_diff']:+.4f} ({r['n_new']:.0f} vs {r['n_ref']:.0f} seeds) | {r['diff_per_seed']} |"
-                   if several else "(one seed each) | |")
+                + (
+                    f"{r['mean_diff']:+.4f} ({r['n_new']:.0f} vs {r['n_ref']:.0f} seeds) | {r['diff_per_seed']} |"
+                    if several
+                    else "(one seed each) | |"
+                )
             )
         lines += [
             "",
@@ -420,7 +470,9 @@ def merged_entries(results_dirs: list[Path]) -> tuple[dict, list[tuple[str, int,
         described = read_json(models_file)
         for model, seed, folder in _runs(results_dir):
             if owner.setdefault(model, results_dir) != results_dir:
-                raise JobError(f"{model} has runs in both {owner[model]} and {results_dir}: publish each entry from one run")
+                raise JobError(
+                    f"{model} has runs in both {owner[model]} and {results_dir}: publish each entry from one run"
+                )
             if model not in described:
                 raise JobError(f"{results_dir} has runs of {model}, which its specs/models.json does not describe")
             runs.append((model, seed, folder, results_dir))
@@ -452,7 +504,9 @@ def refresh(out: str, expected: int | None = None) -> dict:
     loaded = [read_json(f) for f in files]
     entries = published_entries(out_dir, {m["model"] for m in loaded})
     write_json(out_dir / MODELS_FILE, entries)
-    written = reporting.write_tables(str(out_dir / MODELS_FILE), [str(f) for f in files], str(out_dir / "tables"), only=REFRESHED_TABLES)
+    written = reporting.write_tables(
+        str(out_dir / MODELS_FILE), [str(f) for f in files], str(out_dir / "tables"), only=REFRESHED_TABLES
+    )
     table4 = pd.read_csv(out_dir / "tables" / "table4.csv", keep_default_na=False, na_values={"study_diff": [""]})
     for column in ("diff", "ci_low", "ci_high", "p_holm", "mean_diff", "n_new", "n_ref"):
         table4[column] = pd.to_numeric(table4[column])
@@ -481,10 +535,15 @@ def add(results_dirs: list[Path], out: str) -> dict:
     ours = {f.name.rsplit("_seed", 1)[0] for f in (out_dir / "metrics").glob("*_seed*.json")}
     clash = [name for name in added if name in ours and configuration.in_study_tables(info[name])]
     if clash:
-        raise JobError(f"{', '.join(clash)} already published in {out_dir}: --add does not replace the study's runs "
-                       "(publish it again with --results for that)")  # fmt: skip
+        raise JobError(
+            f"{', '.join(clash)} already published in {out_dir}: --add does not replace the study's runs "
+            "(publish it again with --results for that)"
+        )
     for name in added:  # an entry added again (more seeds finished) is replaced as a whole
-        for old in [*(out_dir / "metrics").glob(f"{name}_seed*.json"), *(out_dir / "histories").glob(f"{name}_seed*.csv")]:
+        for old in [
+            *(out_dir / "metrics").glob(f"{name}_seed*.json"),
+            *(out_dir / "histories").glob(f"{name}_seed*.csv"),
+        ]:
             old.unlink()
     for sub in ("curves", "confusion"):
         (out_dir / "figures" / sub).mkdir(parents=True, exist_ok=True)
@@ -499,8 +558,13 @@ def add(results_dirs: list[Path], out: str) -> dict:
     return refresh(out)
 
 
-def main(results: list[str] | str | None, out: str, expected: int | None = None, refresh_only: bool = False,
-         add_only: bool = False) -> dict:  # fmt: skip
+def main(
+    results: list[str] | str | None,
+    out: str,
+    expected: int | None = None,
+    refresh_only: bool = False,
+    add_only: bool = False,
+) -> dict:
     if refresh_only:
         return refresh(out, expected)
     if not results:
@@ -516,21 +580,33 @@ def main(results: list[str] | str | None, out: str, expected: int | None = None,
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
     for model, seed, folder, results_dir in runs:
-        shutil.copyfile(results_dir / "models" / model / f"seed_{seed}" / "history.csv", out_dir / "histories" / f"{model}_seed{seed}.csv")
+        shutil.copyfile(
+            results_dir / "models" / model / f"seed_{seed}" / "history.csv",
+            out_dir / "histories" / f"{model}_seed{seed}.csv",
+        )
         write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", read_json(folder / "metrics.json"))
     metrics = [str(folder / "metrics.json") for _, _, folder, _ in runs]
     histories = [str(r / "models" / m / f"seed_{s}" / "history.csv") for m, s, _, r in runs]
     models_file = out_dir / MODELS_FILE
     write_json(models_file, entries)
-    written = reporting.write_tables(str(models_file), metrics, str(out_dir / "tables"), probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
-                          only=PUBLISHED_TABLES)  # fmt: skip
-    figures.write_all(str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv"))
+    written = reporting.write_tables(
+        str(models_file),
+        metrics,
+        str(out_dir / "tables"),
+        probs=[str(f / "test_probs.npz") for _, _, f, _ in runs],
+        only=PUBLISHED_TABLES,
+    )
+    figures.write_all(
+        str(models_file), metrics, histories, str(out_dir / "figures"), steps=str(out_dir / "tables" / "table4.csv")
+    )
     if not any(configuration.in_sweep_table(spec) for spec in info.values()):
         (out_dir / "figures" / "sweeps.png").unlink()  # the workflow's placeholder: a study run has no sweeps
     expected = expected or sum(len(spec["seeds"]) for spec in info.values())
     runs = [(m, s, f) for m, s, f, _ in runs]
     with atomic_path(out_dir / "README.md") as tmp:
-        tmp.write_text(page(out_dir, info, written["table1"], written["table4"], runs, expected, written.get("protocols")))
+        tmp.write_text(
+            page(out_dir, info, written["table1"], written["table4"], runs, expected, written.get("protocols"))
+        )
     log.info("published %d run(s) of %s into %s", len(runs), ", ".join(map(str, results_dirs)), out_dir)
     return {"runs": len(runs), **written}
 
@@ -538,12 +614,25 @@ def main(results: list[str] | str | None, out: str, expected: int | None = None,
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", nargs="+", help="the study run's results directory (and others, e.g. a later rung's)")
-    p.add_argument("--refresh", dest="refresh_only", action="store_true",
-                   help="rewrite Table 1, provenance and the page from --out alone (after verify_published record)")  # fmt: skip
-    p.add_argument("--add", dest="add_only", action="store_true",
-                   help="add the runs of --results whose entries are new to --out (refit and study runs), then refresh")  # fmt: skip
+    p.add_argument(
+        "--refresh",
+        dest="refresh_only",
+        action="store_true",
+        help="rewrite Table 1, provenance and the page from --out alone (after verify_published record)",
+    )
+    p.add_argument(
+        "--add",
+        dest="add_only",
+        action="store_true",
+        help="add the runs of --results whose entries are new to --out (refit and study runs), then refresh",
+    )
     p.add_argument("--out", default="reports/study", help="the folder to (re)write")
-    p.add_argument("--expected", type=int, default=None, help="runs the study has in all (default: every seed of every entry in the run)")
+    p.add_argument(
+        "--expected",
+        type=int,
+        default=None,
+        help="runs the study has in all (default: every seed of every entry in the run)",
+    )
     return p
 
 

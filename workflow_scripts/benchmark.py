@@ -86,7 +86,7 @@ class StudyAugmentation:
         self.rotation_range = self.width_shift_range = self.height_shift_range = 0.0
         self.horizontal_flip = False
         for item in spec["augmentation"]:
-            (name, kwargs), = item.items()
+            ((name, kwargs),) = item.items()
             if name == "RandomFlip":
                 self.horizontal_flip = "horizontal" in kwargs.get("mode", "horizontal")
             elif name == "RandomTranslation":
@@ -103,13 +103,22 @@ class StudyAugmentation:
 
         height, width = image.shape[:2]
         theta = np.deg2rad(rng.uniform(-self.rotation_range, self.rotation_range))
-        shift = np.array([rng.uniform(-self.height_shift_range, self.height_shift_range) * height,
-                          rng.uniform(-self.width_shift_range, self.width_shift_range) * width])  # fmt: skip
+        shift = np.array(
+            [
+                rng.uniform(-self.height_shift_range, self.height_shift_range) * height,
+                rng.uniform(-self.width_shift_range, self.width_shift_range) * width,
+            ]
+        )
         rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
         centre = np.array([height, width]) / 2 - 0.5
         offset = centre - rotation @ centre + shift  # output pixel p reads input pixel rotation @ p + offset
-        out = np.stack([ndimage.affine_transform(image[..., c], rotation, offset, order=1, mode="nearest")
-                        for c in range(image.shape[-1])], axis=-1)  # fmt: skip
+        out = np.stack(
+            [
+                ndimage.affine_transform(image[..., c], rotation, offset, order=1, mode="nearest")
+                for c in range(image.shape[-1])
+            ],
+            axis=-1,
+        )
         return out[:, ::-1] if self.horizontal_flip and rng.random() < 0.5 else out
 
     def flow(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0):
@@ -179,7 +188,9 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
             predict = None
         else:
             augmentation = StudyAugmentation(spec)
-            fit = {"x": augmentation.flow(x, y, batch, seed=0)} if augmentation else {"x": x, "y": y, "batch_size": batch}
+            fit = (
+                {"x": augmentation.flow(x, y, batch, seed=0)} if augmentation else {"x": x, "y": y, "batch_size": batch}
+            )
             predict = {"x": x_test, "batch_size": 500}
         setups[path], settings[path] = (model, fit, predict), (policy, jit)
         _epoch_rate(model, len(x), **fit)  # untimed warm-up: tracing, caches, thread pools
@@ -198,19 +209,42 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     peaks = {dtype: flops.matmul_peak(dtype) for dtype in ("bfloat16", "float32")}  # same process, right after
     return {
         path: {
-            "path": path, "precision": settings[path][0], "XLA": settings[path][1],
-            "intra_op": intra, "batch": batch, "train img/s": float(np.median(train_rates[path])),
-            "train FLOPs/img": per_image, "peak FLOP/s": peaks,
+            "path": path,
+            "precision": settings[path][0],
+            "XLA": settings[path][1],
+            "intra_op": intra,
+            "batch": batch,
+            "train img/s": float(np.median(train_rates[path])),
+            "train FLOPs/img": per_image,
+            "peak FLOP/s": peaks,
             **({"eval img/s": float(np.median(eval_rates[path]))} if path in eval_rates else {}),
         }
         for path in paths
-    }  # fmt: skip
+    }
 
 
-def _spawn(data: str, spec_path: str, paths: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1):
+def _spawn(
+    data: str, spec_path: str, paths: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1
+):
     """Run ``jobs`` copies of one measurement (``paths``: comma-separated), each in a fresh process, at once."""
-    cmd = [sys.executable, str(HERE / "benchmark.py"), "--measure", paths, "--data", data, "--specs", spec_path,
-           "--images", str(images), "--rounds", str(rounds), "--threads", str(threads), "--precision", precision]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(HERE / "benchmark.py"),
+        "--measure",
+        paths,
+        "--data",
+        data,
+        "--specs",
+        spec_path,
+        "--images",
+        str(images),
+        "--rounds",
+        str(rounds),
+        "--threads",
+        str(threads),
+        "--precision",
+        precision,
+    ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(jobs)]
     results = []
     for proc in procs:
@@ -221,7 +255,9 @@ def _spawn(data: str, spec_path: str, paths: str, images: int, rounds: int, thre
     return results
 
 
-def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, processes: int) -> dict:
+def measure_model(
+    data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, processes: int
+) -> dict:
     """The three paths of one model, together in each of ``processes`` fresh processes; the fastest is kept.
 
     On the 2-vCPU machine this was developed on, a TensorFlow process can land at random in a
@@ -233,12 +269,15 @@ def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: 
     runs = [_spawn(data, spec_path, ",".join(PATHS), images, rounds, threads, precision)[0] for _ in range(processes)]
     got = max(runs, key=lambda run: run["workflow"]["train img/s"])
     row = {
-        "model": name, "precision": got["workflow"]["precision"], "XLA": got["workflow"]["XLA"],
+        "model": name,
+        "precision": got["workflow"]["precision"],
+        "XLA": got["workflow"]["XLA"],
         "batch size": got["workflow"]["batch"],
         **{f"{path} img/s": got[path]["train img/s"] for path in PATHS},
-        "eval img/s": got["workflow"]["eval img/s"], "baseline eval img/s": got["baseline"]["eval img/s"],
+        "eval img/s": got["workflow"]["eval img/s"],
+        "baseline eval img/s": got["baseline"]["eval img/s"],
         "workflow img/s, each process": [round(run["workflow"]["train img/s"]) for run in runs],
-    }  # fmt: skip
+    }
     row["pipeline/ceiling"] = row["workflow img/s"] / row["ceiling img/s"]
     row["workflow/baseline"] = row["workflow img/s"] / row["baseline img/s"]
     peaks, per_image = got["workflow"]["peak FLOP/s"], got["workflow"]["train FLOPs/img"]
@@ -253,18 +292,27 @@ def measure_model(data: str, spec_path: str, images: int, rounds: int, threads: 
     return row
 
 
-def concurrency(data: str, spec_path: str, images: int, rounds: int, cores: int, precision: str, counts=(1, 2, 4)) -> list[dict]:
+def concurrency(
+    data: str, spec_path: str, images: int, rounds: int, cores: int, precision: str, counts=(1, 2, 4)
+) -> list[dict]:
     rows = []
     for jobs in counts:
         threads = max(1, cores // jobs)  # what `snakemake --cores {cores}` gives each of `jobs` jobs
         start = time.perf_counter()
-        results = [r["workflow"] for r in _spawn(data, spec_path, "workflow", images, rounds, threads, precision, jobs=jobs)]
+        results = [
+            r["workflow"] for r in _spawn(data, spec_path, "workflow", images, rounds, threads, precision, jobs=jobs)
+        ]
         per_job = [r["train img/s"] for r in results]
-        rows.append({
-            "concurrent jobs": jobs, "threads per job": threads, "TF intra-op threads": results[0]["intra_op"],
-            "img/s per job": float(np.mean(per_job)), "img/s all jobs": float(np.sum(per_job)),
-            "wall s (incl. start-up)": time.perf_counter() - start,
-        })  # fmt: skip
+        rows.append(
+            {
+                "concurrent jobs": jobs,
+                "threads per job": threads,
+                "TF intra-op threads": results[0]["intra_op"],
+                "img/s per job": float(np.mean(per_job)),
+                "img/s all jobs": float(np.sum(per_job)),
+                "wall s (incl. start-up)": time.perf_counter() - start,
+            }
+        )
         log.info("%s", rows[-1])
     return rows
 
@@ -308,9 +356,16 @@ def backend_worker(data: str, spec_path: str, images: int, rounds: int, threads:
             float(logs["loss"])  # waits for the epoch's last step on an asynchronous backend
             seconds = time.perf_counter() - self.start
             if epoch == 0:  # the warm-up: tracing, compilation, thread pools
-                answer(backend=keras.backend.backend(), precision=settings["precision"], XLA=bool(self.model.jit_compile),
-                       batch=batch, threads=settings["threads"]["intra_op"], images=len(x), warm_up_s=seconds,
-                       train_flops=flops.TRAIN_FACTOR * flops.forward_flops(self.model))  # fmt: skip
+                answer(
+                    backend=keras.backend.backend(),
+                    precision=settings["precision"],
+                    XLA=bool(self.model.jit_compile),
+                    batch=batch,
+                    threads=settings["threads"]["intra_op"],
+                    images=len(x),
+                    warm_up_s=seconds,
+                    train_flops=flops.TRAIN_FACTOR * flops.forward_flops(self.model),
+                )
             else:
                 answer(rate=len(x) / seconds)
 
@@ -327,9 +382,14 @@ class Worker:
         import os
 
         self.backend, self.log_path = backend, log_path
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "benchmark.py"), "--worker", "true", *args],
-                                     env={**os.environ, "KERAS_BACKEND": backend}, text=True, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=open(log_path, "w"))  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "benchmark.py"), "--worker", "true", *args],
+            env={**os.environ, "KERAS_BACKEND": backend},
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(log_path, "w"),
+        )
 
     def ask(self, command: str | None = None) -> dict:
         if command:
@@ -339,8 +399,10 @@ class Worker:
             if line.startswith(ANSWER):
                 return json.loads(line[len(ANSWER) :])
         self.proc.wait()
-        raise JobError(f"the {self.backend} worker ended ({self.proc.returncode}) without an answer: "
-                       f"{self.log_path.read_text()[-2000:]}")  # fmt: skip
+        raise JobError(
+            f"the {self.backend} worker ended ({self.proc.returncode}) without an answer: "
+            f"{self.log_path.read_text()[-2000:]}"
+        )
 
     def close(self) -> None:
         """End of input ends the worker; one that does not end within a minute is killed."""
@@ -352,15 +414,35 @@ class Worker:
             self.proc.wait()
 
 
-def compare_backends(data: str, spec_path: str, backends: list[str], images: int, rounds: int, threads: int,
-                     precision: str, scratch: Path) -> list[dict]:  # fmt: skip
+def compare_backends(
+    data: str,
+    spec_path: str,
+    backends: list[str],
+    images: int,
+    rounds: int,
+    threads: int,
+    precision: str,
+    scratch: Path,
+) -> list[dict]:
     """The training job's path of one entry on each backend, in one worker process per backend, started
     together; after each worker's untimed warm-up epoch they take turns, epoch by epoch, ``rounds``
     times (so a slow spell of this machine falls on every backend alike); then each measures its
     matmul peaks. One row per backend: median img/s and the fraction of the machine's bfloat16 peak
     (the higher of the backends' measured bfloat16 peaks)."""
-    args = ["--data", data, "--specs", spec_path, "--images", str(images), "--rounds", str(rounds), "--threads", str(threads),
-            "--precision", precision]  # fmt: skip
+    args = [
+        "--data",
+        data,
+        "--specs",
+        spec_path,
+        "--images",
+        str(images),
+        "--rounds",
+        str(rounds),
+        "--threads",
+        str(threads),
+        "--precision",
+        precision,
+    ]
     (name,) = _load([spec_path])
     workers = [Worker(backend, args, scratch / f"{name}-{backend}.log") for backend in backends]
     try:
@@ -377,14 +459,23 @@ def compare_backends(data: str, spec_path: str, backends: list[str], images: int
     rows = []
     for first, got, peak in zip(ready, rates, peaks, strict=True):
         rate = float(np.median(got))
-        rows.append({
-            "model": name, "backend": first["backend"], "precision": first["precision"], "XLA": first["XLA"],
-            "batch size": first["batch"], "threads": first["threads"], "train img/s": rate,
-            "each epoch img/s": [round(r) for r in got], "warm-up s": first["warm_up_s"],
-            "train GFLOP/s": first["train_flops"] * rate / 1e9,
-            "of the bf16 peak": first["train_flops"] * rate / machine_bf16,
-            "bf16 peak GFLOP/s": peak["bfloat16"] / 1e9, "f32 peak GFLOP/s": peak["float32"] / 1e9,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "backend": first["backend"],
+                "precision": first["precision"],
+                "XLA": first["XLA"],
+                "batch size": first["batch"],
+                "threads": first["threads"],
+                "train img/s": rate,
+                "each epoch img/s": [round(r) for r in got],
+                "warm-up s": first["warm_up_s"],
+                "train GFLOP/s": first["train_flops"] * rate / 1e9,
+                "of the bf16 peak": first["train_flops"] * rate / machine_bf16,
+                "bf16 peak GFLOP/s": peak["bfloat16"] / 1e9,
+                "f32 peak GFLOP/s": peak["float32"] / 1e9,
+            }
+        )
         log.info("%s", json.dumps(rows[-1]))
     return rows
 
@@ -429,7 +520,9 @@ def main(
         results["models"] = [measure_model(data, path, images, rounds, threads, precision, processes) for path in specs]
         text += _paths_section(results["models"], data, processes, rounds)
     if "concurrency" in sections:
-        results["concurrency"] = concurrency(data, specs[0], images, rounds, concurrency_cores, precision, concurrency_jobs)
+        results["concurrency"] = concurrency(
+            data, specs[0], images, rounds, concurrency_cores, precision, concurrency_jobs
+        )
         text += _concurrency_section(results["concurrency"], next(iter(_load(specs[:1]))), images, concurrency_cores)
     if "backends" in sections:
         import tempfile
@@ -437,7 +530,9 @@ def main(
         results["backends"] = []
         with tempfile.TemporaryDirectory() as scratch:
             for path in specs:
-                results["backends"] += compare_backends(data, path, backends, images, rounds, threads, precision, Path(scratch))
+                results["backends"] += compare_backends(
+                    data, path, backends, images, rounds, threads, precision, Path(scratch)
+                )
         text += _backends_section(results["backends"], images, rounds)
     with atomic_path(out) as tmp:
         Path(tmp).write_text("\n".join(text))
@@ -450,17 +545,19 @@ def _header(images: int, threads: int, rounds: int) -> str:
     intra = min(threads, runtime.available_cpus())
     import tensorflow as tf
 
-    return "\n".join([
-        "# Throughput benchmark",
-        "",
-        f"Generated by `workflow_scripts/benchmark.py` on {time.strftime('%Y-%m-%d %H:%M')}: {device['kind']} "
-        f"{device['name']} ({runtime.available_cpus()} CPUs usable, TensorFlow {tf.__version__}, "
-        f"{intra} intra-op threads), {images} training images. Absolute figures are this machine's on "
-        "this day (a small VM's speed varies by up to 2x from day to day); compare ratios within one row "
-        f"or one table, whose figures come from processes that took turns (medians of {rounds} epochs after "
-        "an untimed warm-up epoch).",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "# Throughput benchmark",
+            "",
+            f"Generated by `workflow_scripts/benchmark.py` on {time.strftime('%Y-%m-%d %H:%M')}: {device['kind']} "
+            f"{device['name']} ({runtime.available_cpus()} CPUs usable, TensorFlow {tf.__version__}, "
+            f"{intra} intra-op threads), {images} training images. Absolute figures are this machine's on "
+            "this day (a small VM's speed varies by up to 2x from day to day); compare ratios within one row "
+            f"or one table, whose figures come from processes that took turns (medians of {rounds} epochs after "
+            "an untimed warm-up epoch).",
+            "",
+        ]
+    )
 
 
 def _paths_section(rows: list[dict], data: str, processes: int, rounds: int) -> list[str]:
@@ -469,9 +566,21 @@ def _paths_section(rows: list[dict], data: str, processes: int, rounds: int) -> 
     with np.load(data) as arrays:
         n_test = len(arrays["x_test"])
     table = pd.DataFrame(rows)[
-        ["model", "precision", "XLA", "batch size", "workflow img/s", "ceiling img/s", "pipeline/ceiling",
-         "baseline img/s", "workflow/baseline", "eval img/s", "baseline eval img/s", "workflow img/s, each process"]
-    ]  # fmt: skip
+        [
+            "model",
+            "precision",
+            "XLA",
+            "batch size",
+            "workflow img/s",
+            "ceiling img/s",
+            "pipeline/ceiling",
+            "baseline img/s",
+            "workflow/baseline",
+            "eval img/s",
+            "baseline eval img/s",
+            "workflow img/s, each process",
+        ]
+    ]
     peak_columns = [c for c in rows[0] if "FLOP" in c or "peak" in c]
     return [
         "## Training paths",
@@ -497,7 +606,7 @@ def _paths_section(rows: list[dict], data: str, processes: int, rounds: int) -> 
         "",
         pd.DataFrame(rows)[["model", *peak_columns]].to_markdown(index=False, floatfmt=".3f"),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def _concurrency_section(rows: list[dict], model: str, images: int, cores: int) -> list[str]:

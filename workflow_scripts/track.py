@@ -57,27 +57,45 @@ def _metrics(m: dict, history: pd.DataFrame, t0: int) -> list:
         for key, value in row.items():
             if key != "epoch" and pd.notna(value):
                 out.append(Metric(key, float(value), t0 + step, step))
-    final = {f"final_{split}_{k}": m[split][k] for split in ("val", "test") if m.get(split) for k in ("accuracy", "loss", "f1_macro")}
+    final = {
+        f"final_{split}_{k}": m[split][k]
+        for split in ("val", "test")
+        if m.get(split)
+        for k in ("accuracy", "loss", "f1_macro")
+    }
     final.update({f"final_test_f1_{name}": c["f1-score"] for name, c in m["test"]["per_class"].items()})
     out += [Metric(key, float(value), t0, 0) for key, value in final.items()]
     return out
 
 
-def record(client, experiment_id: str, entry: dict, m: dict, history: pd.DataFrame, artifacts: list[Path], results: str) -> str:
+def record(
+    client, experiment_id: str, entry: dict, m: dict, history: pd.DataFrame, artifacts: list[Path], results: str
+) -> str:
     """Create or update the MLflow run of one (entry, seed); return its run id."""
     from mlflow.entities import Param, RunTag
 
     trained = m["provenance"].get("training") or {}
-    identity = {"model": m["model"], "seed": str(m["seed"]), "spec_hash": m["provenance"]["spec_hash"],
-                "results_dir": str(Path(results).resolve())}  # fmt: skip
+    identity = {
+        "model": m["model"],
+        "seed": str(m["seed"]),
+        "spec_hash": m["provenance"]["spec_hash"],
+        "results_dir": str(Path(results).resolve()),
+    }
     query = " and ".join(f"tags.{k} = '{v}'" for k, v in identity.items())
     found = client.search_runs([experiment_id], filter_string=query, max_results=2)
-    tags = {**identity, "table": str(entry["table"]), "sweep": entry.get("sweep") or "",
-            "protocol": entry.get("protocol", "holdout"),
-            "git_commit": trained.get("git_commit") or "", "code_hash": trained.get("code_hash") or "",
-            "mlflow.runName": f"{m['model']} seed {m['seed']}"}  # fmt: skip
+    tags = {
+        **identity,
+        "table": str(entry["table"]),
+        "sweep": entry.get("sweep") or "",
+        "protocol": entry.get("protocol", "holdout"),
+        "git_commit": trained.get("git_commit") or "",
+        "code_hash": trained.get("code_hash") or "",
+        "mlflow.runName": f"{m['model']} seed {m['seed']}",
+    }
     started = int(float(trained.get("started") or 0) * 1000) or None  # the run's own times, not the recording's
-    run_id = found[0].info.run_id if found else client.create_run(experiment_id, start_time=started, tags=tags).info.run_id
+    run_id = (
+        found[0].info.run_id if found else client.create_run(experiment_id, start_time=started, tags=tags).info.run_id
+    )
     params = {**flatten(configuration.training_part(entry)), "tta": entry["tta"], "seed": str(m["seed"])}
     t0 = int(float(trained.get("finished") or 0) * 1000)  # fixed timestamps: re-recording stores nothing twice
     metrics = _metrics(m, history, t0)
@@ -94,8 +112,15 @@ def record(client, experiment_id: str, entry: dict, m: dict, history: pd.DataFra
     return run_id
 
 
-def main(models: str, metrics: list[str], results: str, out: str, tracking_uri: str | None = None,
-         experiment: str = EXPERIMENT, plots: str | None = None) -> dict:  # fmt: skip
+def main(
+    models: str,
+    metrics: list[str],
+    results: str,
+    out: str,
+    tracking_uri: str | None = None,
+    experiment: str = EXPERIMENT,
+    plots: str | None = None,
+) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -107,13 +132,21 @@ def main(models: str, metrics: list[str], results: str, out: str, tracking_uri: 
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     artifact_root = (Path(results) / "mlflow" / "artifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_root)
+    experiment_id = (
+        found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_root)
+    )
     runs = {}
     for path in metrics:
         m = read_json(path)
         history = pd.read_csv(Path(results) / "models" / m["model"] / f"seed_{m['seed']}" / "history.csv")
-        figures = [Path(plots) / kind / f"{m['model']}_seed{m['seed']}.png" for kind in ("curves", "confusion")] if plots else []
-        runs[f"{m['model']}/seed_{m['seed']}"] = record(client, experiment_id, info[m["model"]], m, history, figures, results)
+        figures = (
+            [Path(plots) / kind / f"{m['model']}_seed{m['seed']}.png" for kind in ("curves", "confusion")]
+            if plots
+            else []
+        )
+        runs[f"{m['model']}/seed_{m['seed']}"] = record(
+            client, experiment_id, info[m["model"]], m, history, figures, results
+        )
     write_json(out, {"tracking_uri": uri, "experiment": experiment, "experiment_id": experiment_id, "runs": runs})
     log.info("recorded %d run(s) in %s (experiment %s)", len(runs), uri, experiment)
     return runs

@@ -44,7 +44,10 @@ PACKAGES = ("tensorflow", "keras", "numpy")
 
 
 def published_run(published: Path, model: str, seed: int) -> tuple[dict, pd.DataFrame]:
-    metrics, history = published / "metrics" / f"{model}_seed{seed}.json", published / "histories" / f"{model}_seed{seed}.csv"
+    metrics, history = (
+        published / "metrics" / f"{model}_seed{seed}.json",
+        published / "histories" / f"{model}_seed{seed}.csv",
+    )
     for path in (metrics, history):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no published run {model} seed {seed} in {published}")
@@ -60,14 +63,20 @@ def machine_differences(recorded: dict) -> list[str]:
         if device.get("name") and device["name"] != name:
             found.append(f"CPU {name!r}, the run's was {device['name']!r}")
         if recorded.get("precision") == "mixed_bfloat16" and not flags & set(runtime.BF16_CPU_FLAGS):
-            found.append(f"this CPU has no bf16 instructions ({', '.join(runtime.BF16_CPU_FLAGS)}) for a mixed_bfloat16 run")
+            found.append(
+                f"this CPU has no bf16 instructions ({', '.join(runtime.BF16_CPU_FLAGS)}) for a mixed_bfloat16 run"
+            )
     elif device.get("kind"):
         found.append(f"the run trained on a {device['kind']} ({device.get('name')}); verification runs on the CPU")
     if runtime.available_cpus() < (recorded.get("threads") or {}).get("intra_op", 1):
-        found.append(f"{runtime.available_cpus()} CPU(s) for the run's {recorded['threads']['intra_op']} intra-op threads")
+        found.append(
+            f"{runtime.available_cpus()} CPU(s) for the run's {recorded['threads']['intra_op']} intra-op threads"
+        )
     now = provenance.package_versions(PACKAGES)
     then = (recorded.get("training") or {}).get("packages") or {}
-    found += [f"{name} {now[name]}, the run's {then[name]}" for name in PACKAGES if then.get(name) and then[name] != now[name]]
+    found += [
+        f"{name} {now[name]}, the run's {then[name]}" for name in PACKAGES if then.get(name) and then[name] != now[name]
+    ]
     return found
 
 
@@ -89,58 +98,134 @@ def history_differences(published: pd.DataFrame, got: pd.DataFrame, epochs: int 
 
 
 def metric_differences(published: dict, got: dict) -> list[str]:
-    return [f"{key}: published {published.get(key)!r}, now {got.get(key)!r}" for key in EVALUATED if published.get(key) != got.get(key)]
+    return [
+        f"{key}: published {published.get(key)!r}, now {got.get(key)!r}"
+        for key in EVALUATED
+        if published.get(key) != got.get(key)
+    ]
 
 
-def main(published: str, model: str, seed: int, spec: str, data: str, manifest: str, epochs: int, scratch: str, out: str,
-         threads: int | None = None) -> dict:  # fmt: skip
+def main(
+    published: str,
+    model: str,
+    seed: int,
+    spec: str,
+    data: str,
+    manifest: str,
+    epochs: int,
+    scratch: str,
+    out: str,
+    threads: int | None = None,
+) -> dict:
     metrics, history = published_run(Path(published), model, seed)
     recorded = metrics["provenance"]
     job = f"{model} seed {seed}"
     data_md5 = read_json(manifest)["md5"]
     if data_md5 != recorded["data"]["npz_md5"]:
-        raise JobError(f"{job}: the preprocessed data (md5 {data_md5}) differ from the run's ({recorded['data']['npz_md5']}): "
-                       "verify with the full data and the run's split (data_source, val_fraction, split_seed, no subset)")  # fmt: skip
+        raise JobError(
+            f"{job}: the preprocessed data (md5 {data_md5}) differ from the run's ({recorded['data']['npz_md5']}): "
+            "verify with the full data and the run's split (data_source, val_fraction, split_seed, no subset)"
+        )
     machine = machine_differences(recorded)
     for line in machine:
         log.warning("%s: machine differs: %s", job, line)
     threads = threads or recorded["threads"]["intra_op"]
     stop = epochs or None
-    log.info("%s: retraining %s with %d thread(s), %s, comparing with %s", job,
-             f"epochs 1-{stop} of {metrics['epochs_run']}" if stop else "every epoch", threads, recorded["precision"], published)  # fmt: skip
+    log.info(
+        "%s: retraining %s with %d thread(s), %s, comparing with %s",
+        job,
+        f"epochs 1-{stop} of {metrics['epochs_run']}" if stop else "every epoch",
+        threads,
+        recorded["precision"],
+        published,
+    )
     work = Path(scratch)
     shutil.rmtree(work, ignore_errors=True)
     refit = (metrics.get("protocol") or {}).get("name") == "refit"  # its epoch count: the published holdout run's
     epochs_from = Path(published) / "metrics" / f"{protocols.holdout_name(model)}_seed{seed}.json" if refit else None
-    run_job("train.py", job, "--data", data, "--spec", spec, "--model-out", work / "model.keras",
-            "--history-out", work / "history.csv", "--info-out", work / "train_info.json", "--state-dir", work / "state",
-            "--seed", seed, "--threads", threads, "--precision", recorded["precision"], "--require-gpu", "false",
-            *(["--stop-after-epoch", stop] if stop else []), *(["--epochs-from", epochs_from] if refit else []))  # fmt: skip
+    run_job(
+        "train.py",
+        job,
+        "--data",
+        data,
+        "--spec",
+        spec,
+        "--model-out",
+        work / "model.keras",
+        "--history-out",
+        work / "history.csv",
+        "--info-out",
+        work / "train_info.json",
+        "--state-dir",
+        work / "state",
+        "--seed",
+        seed,
+        "--threads",
+        threads,
+        "--precision",
+        recorded["precision"],
+        "--require-gpu",
+        "false",
+        *(["--stop-after-epoch", stop] if stop else []),
+        *(["--epochs-from", epochs_from] if refit else []),
+    )
     info = read_json(work / "train_info.json")
     differences = history_differences(history, pd.read_csv(work / "history.csv"), stop)
     hashes = {"training": provenance.code_hash("train.py")}
     if not stop:
-        run_job("evaluate.py", job, "--data", data, "--manifest", manifest, "--model", work / "model.keras",
-                "--history", work / "history.csv", "--train-info", work / "train_info.json",
-                "--metrics-out", work / "metrics.json", "--probs-out", work / "test_probs.npz",
-                "--tta", metrics.get("tta", "none"), "--threads", threads)  # fmt: skip
+        run_job(
+            "evaluate.py",
+            job,
+            "--data",
+            data,
+            "--manifest",
+            manifest,
+            "--model",
+            work / "model.keras",
+            "--history",
+            work / "history.csv",
+            "--train-info",
+            work / "train_info.json",
+            "--metrics-out",
+            work / "metrics.json",
+            "--probs-out",
+            work / "test_probs.npz",
+            "--tta",
+            metrics.get("tta", "none"),
+            "--threads",
+            threads,
+        )
         got = read_json(work / "metrics.json")
         differences += metric_differences(metrics, got)
         hashes["evaluation"] = provenance.code_hash("evaluate.py")
     if differences:
         verdict = "machine differs" if machine else "code changed"
         detail = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
-        cause = (f"machine differs ({'; '.join(machine)}): the numbers cannot tell whether the code changed"
-                 if machine else "code changed: the current code no longer reproduces the published run; retrain and republish it")  # fmt: skip
+        cause = (
+            f"machine differs ({'; '.join(machine)}): the numbers cannot tell whether the code changed"
+            if machine
+            else "code changed: the current code no longer reproduces the published run; retrain and republish it"
+        )
         raise JobError(f"{job}: {verdict}: {detail}. {cause}")
     git = provenance.git_state()
     result = {
-        "model": model, "seed": seed, "verdict": "identical",
-        "commit": git["commit"], "dirty": git["dirty"], "date": datetime.date.today().isoformat(),
+        "model": model,
+        "seed": seed,
+        "verdict": "identical",
+        "commit": git["commit"],
+        "dirty": git["dirty"],
+        "date": datetime.date.today().isoformat(),
         "epochs": f"1-{stop}" if stop else f"all {metrics['epochs_run']} and the evaluation",
-        "code_hashes": hashes, "spec_hash": info["spec_hash"], "threads": threads, "precision": info["precision"],
-        "machine": {"device": info["device"], "packages": provenance.package_versions(PACKAGES), "differences": machine},
-    }  # fmt: skip
+        "code_hashes": hashes,
+        "spec_hash": info["spec_hash"],
+        "threads": threads,
+        "precision": info["precision"],
+        "machine": {
+            "device": info["device"],
+            "packages": provenance.package_versions(PACKAGES),
+            "differences": machine,
+        },
+    }
     write_json(out, result)
     shutil.rmtree(work, ignore_errors=True)
     log.info("%s: identical to the published run (%s)", job, result["epochs"])
@@ -165,8 +250,12 @@ def attribute(record: dict, stage: str, check: dict) -> None:
     code reproduces the run; the original commit and code hash stay, as "original"."""
     block = record.setdefault(stage, {})
     block.setdefault("original", {k: block.get(k) for k in ("git_commit", "git_dirty", "code_hash")})
-    block.update(git_commit=check["commit"], git_dirty=False, code_hash=check["code_hashes"][stage],
-                 attributed=f"verify_published {check['date']}: epochs {check['epochs']} retrained, identical")  # fmt: skip
+    block.update(
+        git_commit=check["commit"],
+        git_dirty=False,
+        code_hash=check["code_hashes"][stage],
+        attributed=f"verify_published {check['date']}: epochs {check['epochs']} retrained, identical",
+    )
 
 
 def record(published: str, checks: list[str]) -> list[str]:
@@ -180,11 +269,20 @@ def record(published: str, checks: list[str]) -> list[str]:
         if check.get("verdict") != "identical":
             raise JobError(f"{path}: not an identical check ({check.get('verdict')})")
         if check["dirty"] or not check["commit"]:
-            raise JobError(f"{path}: made from a checkout with uncommitted changes (or outside git): check out a commit and verify again")  # noqa: E501
+            raise JobError(
+                f"{path}: made from a checkout with uncommitted changes (or outside git): check out a commit and verify again"
+            )  # noqa: E501
         target = Path(published) / "metrics" / f"{check['model']}_seed{check['seed']}.json"
         metrics = read_json(target)
-        entry = {k: check[k] for k in ("commit", "date", "epochs", "code_hashes", "spec_hash", "threads", "precision", "machine")}
-        kept = [v for v in metrics["provenance"].get("verified", []) if (v["commit"], v["epochs"]) != (entry["commit"], entry["epochs"])]
+        entry = {
+            k: check[k]
+            for k in ("commit", "date", "epochs", "code_hashes", "spec_hash", "threads", "precision", "machine")
+        }
+        kept = [
+            v
+            for v in metrics["provenance"].get("verified", [])
+            if (v["commit"], v["epochs"]) != (entry["commit"], entry["epochs"])
+        ]
         metrics["provenance"]["verified"] = [*kept, entry]
         epochs = compared_epochs(check)
         if epochs is None or epochs >= 2:
@@ -193,7 +291,9 @@ def record(published: str, checks: list[str]) -> list[str]:
             attribute(metrics["provenance"], "evaluation", check)
         write_json(target, metrics)
         written.append(str(target))
-        log.info("%s seed %s: verified at %s (%s)", check["model"], check["seed"], check["commit"][:12], check["epochs"])
+        log.info(
+            "%s seed %s: verified at %s (%s)", check["model"], check["seed"], check["commit"][:12], check["epochs"]
+        )
     return written
 
 

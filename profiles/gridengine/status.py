@@ -105,7 +105,9 @@ def status(jobid: str) -> str:
     if state is not None:
         if "E" in state:
             detail = subprocess.run(["qstat", "-j", jobid], capture_output=True, text=True, timeout=60).stdout
-            reasons = "; ".join(line.strip() for line in detail.splitlines() if line.lstrip().startswith("error reason"))
+            reasons = "; ".join(
+                line.strip() for line in detail.splitlines() if line.lstrip().startswith("error reason")
+            )
             log(f"job {jobid} is in error state {state} ({reasons or 'see qstat -j ' + jobid}): deleting it")
             subprocess.run(["qdel", jobid], capture_output=True, timeout=60)
             return "failed"
@@ -123,7 +125,9 @@ def status(jobid: str) -> str:
     failed, exit_status = leading_int(record.get("failed")), leading_int(record.get("exit_status"))
     if failed == 0 and exit_status == 0:
         return "success"
-    log(f"job {jobid} ({record.get('jobname', '?')}): failed {record.get('failed')}, exit_status {record.get('exit_status')}")
+    log(
+        f"job {jobid} ({record.get('jobname', '?')}): failed {record.get('failed')}, exit_status {record.get('exit_status')}"
+    )
     return "failed"
 
 

@@ -76,8 +76,20 @@ def qsub_command(props: dict) -> list[str]:
     name = safe(".".join(["smk", rule, *wildcards]))[:200]
     log_dir = os.path.join(LOG_DIR, safe(rule))
     os.makedirs(log_dir, exist_ok=True)  # Grid Engine does not create it; a job whose -o fails hangs in Eqw
-    cmd = ["qsub", "-terse", "-V", "-cwd", "-S", "/bin/bash", "-N", name, "-j", "y",
-           "-o", os.path.join(log_dir, f"{name}.$JOB_ID.log")]  # fmt: skip
+    cmd = [
+        "qsub",
+        "-terse",
+        "-V",
+        "-cwd",
+        "-S",
+        "/bin/bash",
+        "-N",
+        name,
+        "-j",
+        "y",
+        "-o",
+        os.path.join(log_dir, f"{name}.$JOB_ID.log"),
+    ]
 
     queue = setting(resources, "sge_queue")
     if queue:

@@ -52,8 +52,26 @@ SCRIPTS = REPO / "workflow_scripts"
 SHA_FILE = HERE / "cifar-10-python.tar.gz.sha256"
 TIMING = ("epoch_time", "images_per_s")
 # (a)'s order: the rungs beyond the study and the study's best first, transfer entries (big compiles) last.
-A_ORDER = ["model_17", "model_18", "model_10", "model_09", "model_11", "model_01", "model_02", "model_03", "model_04",
-           "model_05", "model_06", "model_07", "model_08", "model_12", "model_16", "model_13", "model_14", "model_15"]
+A_ORDER = [
+    "model_17",
+    "model_18",
+    "model_10",
+    "model_09",
+    "model_11",
+    "model_01",
+    "model_02",
+    "model_03",
+    "model_04",
+    "model_05",
+    "model_06",
+    "model_07",
+    "model_08",
+    "model_12",
+    "model_16",
+    "model_13",
+    "model_14",
+    "model_15",
+]
 log = logging.getLogger("proof")
 
 
@@ -109,8 +127,11 @@ class State:
     def __init__(self, work: Path, out: Path | None):
         self.work, self.out = work, out
         self.path = work / "results.json"
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {
-            "calls": [], "a": {"entries": {}, "attempts": {}}, "windows": {}}  # fmt: skip
+        self.data = (
+            json.loads(self.path.read_text())
+            if self.path.is_file()
+            else {"calls": [], "a": {"entries": {}, "attempts": {}}, "windows": {}}
+        )
 
     def save(self) -> None:
         write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True, default=str))
@@ -210,7 +231,9 @@ class Proc:
         self.fh.write("$ " + " ".join(self.argv) + "\n")
         self.fh.flush()
         self.start = now()
-        self.proc = subprocess.Popen(self.argv, stdout=self.fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self.fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
         self.end, self.killed = None, False
 
     def poll(self):
@@ -256,15 +279,22 @@ TEST_LINE = re.compile(r"epoch (\d+)\s+test_accuracy ([\d.]+)")
 def progress(log_path: Path) -> dict:
     """What a (possibly killed) training job's log says: epochs done, their seconds and img/s."""
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-    epochs = [{"epoch": int(m[1]), "of": int(m[2]), "epoch_time": float(m[3]), "images_per_s": float(m[4])}
-              for m in EPOCH_LINE.finditer(text)]  # fmt: skip
+    epochs = [
+        {"epoch": int(m[1]), "of": int(m[2]), "epoch_time": float(m[3]), "images_per_s": float(m[4])}
+        for m in EPOCH_LINE.finditer(text)
+    ]
     tests = {int(m[1]): float(m[2]) for m in TEST_LINE.finditer(text)}
     for row in epochs:
         if row["epoch"] in tests:
             row["test_accuracy"] = tests[row["epoch"]]
     errors = [line for line in text.splitlines() if " ERROR " in line or line.startswith(("Traceback", "ERROR"))]
     tail = text.splitlines()[-15:]
-    return {"epochs_done": len(epochs), "epochs": epochs, "errors": errors[:5], "log_tail": tail if errors or not epochs else []}
+    return {
+        "epochs_done": len(epochs),
+        "epochs": epochs,
+        "errors": errors[:5],
+        "log_tail": tail if errors or not epochs else [],
+    }
 
 
 # ---- GPU sampling: nvidia-smi every second, in a thread of this process -----------------------------------
@@ -282,9 +312,19 @@ class GpuSampler(threading.Thread):
         with open(self.path, "a") as fh:
             while not self.stop.is_set():
                 try:
-                    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used,power.draw",
-                                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout  # fmt: skip
-                    util, mem, power = (float(v) if v.strip() not in ("[N/A]", "N/A") else None for v in out.splitlines()[0].split(","))
+                    out = subprocess.run(
+                        [
+                            "nvidia-smi",
+                            "--query-gpu=utilization.gpu,memory.used,power.draw",
+                            "--format=csv,noheader,nounits",
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
+                    ).stdout
+                    util, mem, power = (
+                        float(v) if v.strip() not in ("[N/A]", "N/A") else None for v in out.splitlines()[0].split(",")
+                    )
                     self.samples.append((now(), util, mem, power))
                     fh.write(f"{now():.1f},{util},{mem},{power}\n")
                     fh.flush()
@@ -298,8 +338,12 @@ class GpuSampler(threading.Thread):
             return None
         util = [r[1] for r in rows if r[1] is not None]
         mem = [r[2] for r in rows if r[2] is not None]
-        return {"samples": len(rows), "util_mean": round(statistics.mean(util), 1) if util else None,
-                "util_max": max(util) if util else None, "mem_max_mib": max(mem) if mem else None}  # fmt: skip
+        return {
+            "samples": len(rows),
+            "util_mean": round(statistics.mean(util), 1) if util else None,
+            "util_max": max(util) if util else None,
+            "mem_max_mib": max(mem) if mem else None,
+        }
 
 
 class Window:
@@ -316,7 +360,12 @@ class Window:
     def __exit__(self, *exc):
         t1 = now()
         self.state["windows"].setdefault(self.name, []).append(
-            {"call": self.state["calls"][-1]["index"], "seconds": round(t1 - self.t0, 1), "gpu": self.sampler.stats(self.t0, t1)})
+            {
+                "call": self.state["calls"][-1]["index"],
+                "seconds": round(t1 - self.t0, 1),
+                "gpu": self.sampler.stats(self.t0, t1),
+            }
+        )
         self.state.save()
         return False
 
@@ -334,11 +383,17 @@ def take_chunk(state: State, work: Path, chunk: Path) -> None:
     manifest = json.loads((chunk / "manifest.json").read_text())
     dest = work / "chunks" / f"{manifest['index']:02d}.part"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    record = state.data.setdefault("chunks", {"count": manifest["count"], "archive_sha256": manifest["archive_sha256"], "have": {}})
+    record = state.data.setdefault(
+        "chunks", {"count": manifest["count"], "archive_sha256": manifest["archive_sha256"], "have": {}}
+    )
     if record["archive_sha256"] != manifest["archive_sha256"]:  # a new plan: start afresh
         shutil.rmtree(dest.parent)
         dest.parent.mkdir()
-        record = state["chunks"] = {"count": manifest["count"], "archive_sha256": manifest["archive_sha256"], "have": {}}
+        record = state["chunks"] = {
+            "count": manifest["count"],
+            "archive_sha256": manifest["archive_sha256"],
+            "have": {},
+        }
     key = str(manifest["index"])
     if key in record["have"] and dest.is_file() and dest.stat().st_size == manifest["size"]:
         log.info("chunk %d/%d already here: skipped", manifest["index"], manifest["count"])
@@ -348,11 +403,18 @@ def take_chunk(state: State, work: Path, chunk: Path) -> None:
     got = sha256_file(tmp)
     if got != manifest["sha256"]:
         tmp.unlink()
-        raise SystemExit(f"chunk {manifest['index']}: sha256 {got}, expected {manifest['sha256']}: carried file damaged")
+        raise SystemExit(
+            f"chunk {manifest['index']}: sha256 {got}, expected {manifest['sha256']}: carried file damaged"
+        )
     os.replace(tmp, dest)
     record["have"][key] = {"size": manifest["size"], "sha256": got, "call": state["calls"][-1]["index"]}
-    log.info("chunk %d/%d taken in (%d bytes, sha256 ok); chunks here: %s", manifest["index"], manifest["count"],
-             manifest["size"], sorted(int(k) for k in record["have"]))  # fmt: skip
+    log.info(
+        "chunk %d/%d taken in (%d bytes, sha256 ok); chunks here: %s",
+        manifest["index"],
+        manifest["count"],
+        manifest["size"],
+        sorted(int(k) for k in record["have"]),
+    )
 
 
 def expected_sha256() -> str | None:
@@ -368,8 +430,11 @@ def assemble(state: State, work: Path) -> Path | None:
     if missing:
         earlier = [i for i in missing if i < state["calls"][-1]["index"]]
         if earlier:
-            log.warning("chunk(s) %s missing: the machine was not warm from call 1 on (given back between calls?); "
-                        "the archive can't be assembled in this machine: run the calls again from call 1", earlier)
+            log.warning(
+                "chunk(s) %s missing: the machine was not warm from call 1 on (given back between calls?); "
+                "the archive can't be assembled in this machine: run the calls again from call 1",
+                earlier,
+            )
         return None
     archive = work / "cifar-10-python.tar.gz"
     info = state.data.get("archive")
@@ -381,8 +446,15 @@ def assemble(state: State, work: Path) -> Path | None:
             with open(work / "chunks" / f"{i:02d}.part", "rb") as fh:
                 shutil.copyfileobj(fh, out, 1 << 22)
     got, want = sha256_file(archive), expected_sha256() or record["archive_sha256"]
-    state["archive"] = {"path": str(archive), "size": archive.stat().st_size, "sha256": got, "expected": want, "ok": got == want,
-                        "expected_from": SHA_FILE.name if expected_sha256() else "chunk manifest", "seconds": round(now() - t0, 1)}  # fmt: skip
+    state["archive"] = {
+        "path": str(archive),
+        "size": archive.stat().st_size,
+        "sha256": got,
+        "expected": want,
+        "ok": got == want,
+        "expected_from": SHA_FILE.name if expected_sha256() else "chunk manifest",
+        "seconds": round(now() - t0, 1),
+    }
     state.save()
     if got != want:
         log.error("archive sha256 %s, expected %s: not used", got, want)
@@ -422,7 +494,9 @@ def prefix_raw(work: Path) -> dict | None:
     raw.mkdir(parents=True)
     found = []
     try:
-        with tarfile.open(fileobj=io.BufferedReader(_Concat([work / "chunks" / f"{i:02d}.part" for i in lead])), mode="r|gz") as tar:
+        with tarfile.open(
+            fileobj=io.BufferedReader(_Concat([work / "chunks" / f"{i:02d}.part" for i in lead])), mode="r|gz"
+        ) as tar:
             for member in tar:
                 name = Path(member.name).name
                 if name not in cifar.MD5 or not member.isfile():
@@ -458,12 +532,26 @@ def speed_data(state: State, work: Path, opts) -> Path | None:
         if prefix is None:
             log.warning("(a): no data yet (chunk 1 missing?)")
             return None
-        source = {**prefix, "from": f"the archive's first {len(prefix['chunks'])} chunk(s): {', '.join(prefix['members'])}; "
-                                    "missing batches replaced by data_batch_1 (speed only)"}  # fmt: skip
+        source = {
+            **prefix,
+            "from": f"the archive's first {len(prefix['chunks'])} chunk(s): {', '.join(prefix['members'])}; "
+            "missing batches replaced by data_batch_1 (speed only)",
+        }
     t0 = now()
-    info = preprocess.main(source["raw"], str(npz), str(work / "data" / "speed.json"), subset_train=opts.a_train,
-                           subset_val=opts.a_val, subset_test=opts.a_test)  # fmt: skip
-    state["speed_data"] = {**source, "counts": info["counts"], "seconds": round(now() - t0, 1), "call": state["calls"][-1]["index"]}
+    info = preprocess.main(
+        source["raw"],
+        str(npz),
+        str(work / "data" / "speed.json"),
+        subset_train=opts.a_train,
+        subset_val=opts.a_val,
+        subset_test=opts.a_test,
+    )
+    state["speed_data"] = {
+        **source,
+        "counts": info["counts"],
+        "seconds": round(now() - t0, 1),
+        "call": state["calls"][-1]["index"],
+    }
     state.save()
     log.info("(a) data: %s, %s", info["counts"], source["from"])
     return npz
@@ -481,11 +569,22 @@ def step_data(state: State, work: Path, archive: Path, opts) -> bool:
     download.main(str(archive), str(work / "raw"))
     record.update(raw_ok=True, download_s=round(now() - t0, 1))
     t0 = now()
-    info = preprocess.main(str(work / "raw"), str(work / "data" / "cifar10.npz"), str(work / "data" / "cifar10.json"),
-                           subset_train=opts.subset_train, subset_val=opts.subset_val, subset_test=opts.subset_test)  # fmt: skip
+    info = preprocess.main(
+        str(work / "raw"),
+        str(work / "data" / "cifar10.npz"),
+        str(work / "data" / "cifar10.json"),
+        subset_train=opts.subset_train,
+        subset_val=opts.subset_val,
+        subset_test=opts.subset_test,
+    )
     record.update(npz_ok=True, preprocess_s=round(now() - t0, 1), counts=info["counts"], md5=info["md5"])
     state.save()
-    log.info("data: download.main %.1f s, preprocess.main %.1f s, %s", record["download_s"], record["preprocess_s"], info["counts"])
+    log.info(
+        "data: download.main %.1f s, preprocess.main %.1f s, %s",
+        record["download_s"],
+        record["preprocess_s"],
+        info["counts"],
+    )
     return True
 
 
@@ -555,19 +654,47 @@ def worker_a(args) -> int:
             folder.mkdir(parents=True)
             t0 = now()
             try:
-                info = train.main(str(args.data), str(spec_file), str(folder / "model.keras"), str(folder / "history.csv"),
-                                  str(folder / "train_info.json"), str(folder / "state"), seed=0, threads=args.threads,
-                                  stop_after_epoch=args.epochs)  # fmt: skip
+                info = train.main(
+                    str(args.data),
+                    str(spec_file),
+                    str(folder / "model.keras"),
+                    str(folder / "history.csv"),
+                    str(folder / "train_info.json"),
+                    str(folder / "state"),
+                    seed=0,
+                    threads=args.threads,
+                    stop_after_epoch=args.epochs,
+                )
                 hist = pd.read_csv(folder / "history.csv")
                 ips, times = hist["images_per_s"].tolist(), hist["epoch_time"].tolist()
                 precision = info["precision"]
-                emit({"entry": name, "part": "job", "wall_s": now() - t0, "epochs": len(hist), "images_per_epoch": info["images_per_epoch"],
-                      "batch_size": spec["batch_size"], "images_per_s": ips, "epoch_time": times,
-                      "images_per_s_median_later": median(ips[1:]) if len(ips) > 1 else None, "first_epoch_s": times[0],
-                      "precision": precision, "jit_compile": info["jit_compile"], "device": info["device"].get("name"),
-                      "weights": (spec.get("backbone") or {}).get("weights")})  # fmt: skip
+                emit(
+                    {
+                        "entry": name,
+                        "part": "job",
+                        "wall_s": now() - t0,
+                        "epochs": len(hist),
+                        "images_per_epoch": info["images_per_epoch"],
+                        "batch_size": spec["batch_size"],
+                        "images_per_s": ips,
+                        "epoch_time": times,
+                        "images_per_s_median_later": median(ips[1:]) if len(ips) > 1 else None,
+                        "first_epoch_s": times[0],
+                        "precision": precision,
+                        "jit_compile": info["jit_compile"],
+                        "device": info["device"].get("name"),
+                        "weights": (spec.get("backbone") or {}).get("weights"),
+                    }
+                )
             except Exception as exc:  # noqa: BLE001 (recorded; the next entry goes on)
-                emit({"entry": name, "part": "job", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]})
+                emit(
+                    {
+                        "entry": name,
+                        "part": "job",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
+                )
         if "net" in parts:
             import keras
 
@@ -583,11 +710,28 @@ def worker_a(args) -> int:
             try:
                 images = max(args.images, spec["batch_size"])
                 rows = keras_speed.time_phases(spec, images, args.rounds, precision, without_augmentation=True)
-                emit({"entry": name, "part": "net", "precision": precision, "images": images, "rounds": args.rounds, "phases": rows,
-                      "images_per_s": rows[0]["train img/s"], "warm_up_s": rows[0]["warm-up s"],
-                      "train_gflop_per_image": rows[0].get("train GFLOP/img")})  # fmt: skip
+                emit(
+                    {
+                        "entry": name,
+                        "part": "net",
+                        "precision": precision,
+                        "images": images,
+                        "rounds": args.rounds,
+                        "phases": rows,
+                        "images_per_s": rows[0]["train img/s"],
+                        "warm_up_s": rows[0]["warm-up s"],
+                        "train_gflop_per_image": rows[0].get("train GFLOP/img"),
+                    }
+                )
             except Exception as exc:  # noqa: BLE001
-                emit({"entry": name, "part": "net", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]})
+                emit(
+                    {
+                        "entry": name,
+                        "part": "net",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
+                )
         import keras
 
         keras.backend.clear_session()
@@ -609,7 +753,12 @@ def matmul_peak(precision: str, size: int) -> dict:
         if function is None or "tensorflow" in inspect.getsource(function):
             continue  # a TensorFlow version: not on this path
         try:
-            return {"dtype": dtype, "size": size, "flops_per_s": function(dtype, size), "from": f"{module.__name__}.matmul_peak"}
+            return {
+                "dtype": dtype,
+                "size": size,
+                "flops_per_s": function(dtype, size),
+                "from": f"{module.__name__}.matmul_peak",
+            }
         except Exception as exc:  # noqa: BLE001
             return {"dtype": dtype, "size": size, "error": f"{type(exc).__name__}: {exc}"}
     return {"dtype": dtype, "size": size, "error": "no Keras matmul_peak in cnnstudy.flops or keras_speed"}
@@ -641,16 +790,40 @@ def step_a(state: State, work: Path, npz: Path, clock: Clock, cap: float | None,
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     seen = rows_path.read_text().count("\n") if rows_path.is_file() else 0
     call = state["calls"][-1]["index"]
-    argv = [sys.executable, str(Path(__file__).resolve()), "worker-a", "--data", npz, "--specs", work / "specs" / "a",
-            "--folder", work / "a", "--rows", rows_path, "--deadline", str(deadline), "--threads", str(opts.threads),
-            "--epochs", str(opts.a_epochs), "--images", str(opts.a_images), "--rounds", str(opts.a_rounds),
-            "--peak-size", str(0 if state.data.get("peak") else opts.peak_size),
-            "--entries", *[f"{name}={','.join(parts)}" for *_, name, parts in todo]]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "worker-a",
+        "--data",
+        npz,
+        "--specs",
+        work / "specs" / "a",
+        "--folder",
+        work / "a",
+        "--rows",
+        rows_path,
+        "--deadline",
+        str(deadline),
+        "--threads",
+        str(opts.threads),
+        "--epochs",
+        str(opts.a_epochs),
+        "--images",
+        str(opts.a_images),
+        "--rounds",
+        str(opts.a_rounds),
+        "--peak-size",
+        str(0 if state.data.get("peak") else opts.peak_size),
+        "--entries",
+        *[f"{name}={','.join(parts)}" for *_, name, parts in todo],
+    ]
     log.info("(a): %.0f s for %s", budget, ", ".join(name for *_, name, _ in todo))
     proc = Proc(argv, work / "logs" / f"a_call{call}_{int(now())}.log", child_env(work, keras_jax=True))
     rc = proc.wait(deadline)
     if rc not in (0, None) and not proc.killed:
-        a.setdefault("worker_errors", []).append({"call": call, "rc": rc, "log_tail": proc.log_path.read_text(errors="replace").splitlines()[-20:]})
+        a.setdefault("worker_errors", []).append(
+            {"call": call, "rc": rc, "log_tail": proc.log_path.read_text(errors="replace").splitlines()[-20:]}
+        )
         log.error("(a): the worker failed (rc %s): %s", rc, "\n".join(a["worker_errors"][-1]["log_tail"][-8:]))
     lines = rows_path.read_text().splitlines()[seen:] if rows_path.is_file() else []
     touched = set()
@@ -667,7 +840,13 @@ def step_a(state: State, work: Path, npz: Path, clock: Clock, cap: float | None,
         if "job" in entry and "net" in entry and "error" not in entry["job"] and "error" not in entry["net"]:
             job, net = entry["job"]["images_per_s_median_later"], entry["net"]["images_per_s"]
             entry["ratio"] = job / net if job and net else None
-            log.info("(a) %s: job %.0f img/s, network alone %.0f img/s, ratio %.3f", row["entry"], job or 0, net or 0, entry["ratio"] or 0)
+            log.info(
+                "(a) %s: job %.0f img/s, network alone %.0f img/s, ratio %.3f",
+                row["entry"],
+                job or 0,
+                net or 0,
+                entry["ratio"] or 0,
+            )
     for *_, name, parts in todo:  # started but not finished: tried once more, last
         entry = a["entries"].get(name, {})
         if any(p not in entry for p in parts) and (name in touched or proc.killed):
@@ -681,16 +860,58 @@ def step_a(state: State, work: Path, npz: Path, clock: Clock, cap: float | None,
 
 
 def train_argv(data: Path, spec: Path, folder: Path, seed: int, threads: int, stop_after: int | None) -> list:
-    argv = [sys.executable, SCRIPTS / "train.py", "--data", data, "--spec", spec, "--model-out", folder / "model.keras",
-            "--history-out", folder / "history.csv", "--info-out", folder / "train_info.json", "--state-dir", folder / "state",
-            "--seed", seed, "--threads", threads, "--precision", "auto", "--require-gpu", "auto", "--deterministic-ops", "true"]  # fmt: skip
+    argv = [
+        sys.executable,
+        SCRIPTS / "train.py",
+        "--data",
+        data,
+        "--spec",
+        spec,
+        "--model-out",
+        folder / "model.keras",
+        "--history-out",
+        folder / "history.csv",
+        "--info-out",
+        folder / "train_info.json",
+        "--state-dir",
+        folder / "state",
+        "--seed",
+        seed,
+        "--threads",
+        threads,
+        "--precision",
+        "auto",
+        "--require-gpu",
+        "auto",
+        "--deterministic-ops",
+        "true",
+    ]
     return argv + (["--stop-after-epoch", stop_after] if stop_after else [])
 
 
 def evaluate_argv(data: Path, manifest: Path, folder: Path, tta: str) -> list:
-    return [sys.executable, SCRIPTS / "evaluate.py", "--data", data, "--manifest", manifest, "--model", folder / "model.keras",
-            "--history", folder / "history.csv", "--train-info", folder / "train_info.json", "--metrics-out", folder / "metrics.json",
-            "--probs-out", folder / "test_probs.npz", "--tta", tta, "--threads", "2"]  # fmt: skip
+    return [
+        sys.executable,
+        SCRIPTS / "evaluate.py",
+        "--data",
+        data,
+        "--manifest",
+        manifest,
+        "--model",
+        folder / "model.keras",
+        "--history",
+        folder / "history.csv",
+        "--train-info",
+        folder / "train_info.json",
+        "--metrics-out",
+        folder / "metrics.json",
+        "--probs-out",
+        folder / "test_probs.npz",
+        "--tta",
+        tta,
+        "--threads",
+        "2",
+    ]
 
 
 def history_summary(folder: Path) -> dict:
@@ -699,15 +920,35 @@ def history_summary(folder: Path) -> dict:
     hist = pd.read_csv(folder / "history.csv")
     times, ips = hist["epoch_time"].tolist(), hist["images_per_s"].tolist()
     later = times[1:]
-    result = {"epochs": len(hist), "epoch_time": [round(t, 3) for t in times], "images_per_s": [round(v, 1) for v in ips],
-              "first_epoch_s": times[0], "later_epoch_s_median": median(later), "later_epochs_s": sum(later),
-              "compile_s_estimate": times[0] - median(later) if later else None,
-              "images_per_s_median_later": median(ips[1:]) if len(ips) > 1 else ips[0], "train_seconds": sum(times)}  # fmt: skip
+    result = {
+        "epochs": len(hist),
+        "epoch_time": [round(t, 3) for t in times],
+        "images_per_s": [round(v, 1) for v in ips],
+        "first_epoch_s": times[0],
+        "later_epoch_s_median": median(later),
+        "later_epochs_s": sum(later),
+        "compile_s_estimate": times[0] - median(later) if later else None,
+        "images_per_s_median_later": median(ips[1:]) if len(ips) > 1 else ips[0],
+        "train_seconds": sum(times),
+    }
     if "test_accuracy" in hist:
         result["test_accuracy_per_epoch"] = hist["test_accuracy"].tolist()
     info = json.loads((folder / "train_info.json").read_text())
-    result.update({k: info.get(k) for k in ("kept_epoch", "stopped_early", "epochs_run", "epochs_requested", "precision", "jit_compile",
-                                            "n_train", "images_per_epoch")})  # fmt: skip
+    result.update(
+        {
+            k: info.get(k)
+            for k in (
+                "kept_epoch",
+                "stopped_early",
+                "epochs_run",
+                "epochs_requested",
+                "precision",
+                "jit_compile",
+                "n_train",
+                "images_per_epoch",
+            )
+        }
+    )
     result["device"] = (info.get("device") or {}).get("name")
     result["resumed_from_epoch"] = info.get("resumed_from_epoch")
     return result
@@ -715,9 +956,13 @@ def history_summary(folder: Path) -> dict:
 
 def metrics_summary(folder: Path) -> dict:
     m = json.loads((folder / "metrics.json").read_text())
-    return {"test_accuracy": m["test"]["accuracy"], "test_loss": m["test"]["loss"],
-            "val_accuracy": (m.get("val") or {}).get("accuracy"), "eval_images_per_s": m.get("eval_images_per_s"),
-            "accuracy_without_tta": m["test"].get("accuracy_without_tta")}  # fmt: skip
+    return {
+        "test_accuracy": m["test"]["accuracy"],
+        "test_loss": m["test"]["loss"],
+        "val_accuracy": (m.get("val") or {}).get("accuracy"),
+        "eval_images_per_s": m.get("eval_images_per_s"),
+        "accuracy_without_tta": m["test"].get("accuracy_without_tta"),
+    }
 
 
 class Run:
@@ -742,13 +987,19 @@ class Run:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.record.update(status="training", started=now())
-        self.train = Proc(train_argv(self.data, self.spec, self.folder, self.seed, self.threads, self.stop_after),
-                          self.work / "logs" / f"{self.name}.train.log", child_env(self.work, extra=self.env_extra))  # fmt: skip
+        self.train = Proc(
+            train_argv(self.data, self.spec, self.folder, self.seed, self.threads, self.stop_after),
+            self.work / "logs" / f"{self.name}.train.log",
+            child_env(self.work, extra=self.env_extra),
+        )
 
     def start_evaluate(self):
         self.record["status"] = "evaluating"
-        self.evaluate = Proc(evaluate_argv(self.data, self.manifest, self.folder, self.tta), self.work / "logs" / f"{self.name}.evaluate.log",
-                             child_env(self.work, extra=self.env_extra))  # fmt: skip
+        self.evaluate = Proc(
+            evaluate_argv(self.data, self.manifest, self.folder, self.tta),
+            self.work / "logs" / f"{self.name}.evaluate.log",
+            child_env(self.work, extra=self.env_extra),
+        )
 
     def step(self, can_start_evaluate: bool = True) -> bool:
         """Advance; True once finished (done, failed or stopped)."""
@@ -775,9 +1026,14 @@ class Run:
         self.record["evaluate_wall_s"] = round(self.evaluate.wall, 2)
         self.record["evaluate_rc"] = rc
         if rc != 0:
-            self.record.update(status="evaluate failed", evaluate_log_tail=self.evaluate.log_path.read_text(errors="replace").splitlines()[-15:])
+            self.record.update(
+                status="evaluate failed",
+                evaluate_log_tail=self.evaluate.log_path.read_text(errors="replace").splitlines()[-15:],
+            )
             return True
-        self.record.update(status="done", metrics=metrics_summary(self.folder), wall_s=round(now() - self.record["started"], 2))
+        self.record.update(
+            status="done", metrics=metrics_summary(self.folder), wall_s=round(now() - self.record["started"], 2)
+        )
         return True
 
     def stop(self):
@@ -785,7 +1041,11 @@ class Run:
             if proc is not None:
                 proc.kill()
         if self.train is not None and self.record["status"] == "training":
-            self.record.update(status="stopped at the deadline", train_wall_s=round(self.train.wall, 2), progress=progress(self.train.log_path))
+            self.record.update(
+                status="stopped at the deadline",
+                train_wall_s=round(self.train.wall, 2),
+                progress=progress(self.train.log_path),
+            )
         elif self.record["status"] == "evaluating":
             self.record["status"] = "stopped while evaluating"
 
@@ -815,21 +1075,36 @@ def compare(a: Path, b: Path, epochs: int | None = None) -> dict:
     if not same and list(ha.columns) == list(hb.columns):
         n = min(len(ha), len(hb))
         for i in range(n):
-            diff = [c for c in ha.columns if not (ha[c].iloc[i] == hb[c].iloc[i] or (pd.isna(ha[c].iloc[i]) and pd.isna(hb[c].iloc[i])))]
+            diff = [
+                c
+                for c in ha.columns
+                if not (ha[c].iloc[i] == hb[c].iloc[i] or (pd.isna(ha[c].iloc[i]) and pd.isna(hb[c].iloc[i])))
+            ]
             if diff:
-                result["first_difference"] = {"epoch": int(ha["epoch"].iloc[i]), "columns": diff,
-                                              "values": {c: [float(ha[c].iloc[i]), float(hb[c].iloc[i])] for c in diff[:4]}}  # fmt: skip
+                result["first_difference"] = {
+                    "epoch": int(ha["epoch"].iloc[i]),
+                    "columns": diff,
+                    "values": {c: [float(ha[c].iloc[i]), float(hb[c].iloc[i])] for c in diff[:4]},
+                }
                 break
         numeric = [c for c in ha.columns if c != "epoch"]
-        result["max_abs_difference"] = {c: float(np.max(np.abs(ha[c].to_numpy(float)[:n] - hb[c].to_numpy(float)[:n]))) for c in numeric}
+        result["max_abs_difference"] = {
+            c: float(np.max(np.abs(ha[c].to_numpy(float)[:n] - hb[c].to_numpy(float)[:n]))) for c in numeric
+        }
     if epochs is None:
         wa, wb = model_weights(a / "model.keras"), model_weights(b / "model.keras")
-        differing = [i for i, (x, y) in enumerate(zip(wa, wb, strict=False)) if x.shape != y.shape or not np.array_equal(x, y)]
+        differing = [
+            i for i, (x, y) in enumerate(zip(wa, wb, strict=False)) if x.shape != y.shape or not np.array_equal(x, y)
+        ]
         result["weights_identical"] = len(wa) == len(wb) and not differing
         result["weight_arrays"] = len(wa)
         if differing:
             result["weight_arrays_differing"] = len(differing)
-            same_shape = [float(np.max(np.abs(wa[i].astype(float) - wb[i].astype(float)))) for i in differing if wa[i].shape == wb[i].shape]
+            same_shape = [
+                float(np.max(np.abs(wa[i].astype(float) - wb[i].astype(float))))
+                for i in differing
+                if wa[i].shape == wb[i].shape
+            ]
             result["weights_max_abs_difference"] = max(same_shape) if same_shape else None
         if (a / "metrics.json").is_file() and (b / "metrics.json").is_file():
             ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
@@ -837,8 +1112,12 @@ def compare(a: Path, b: Path, epochs: int | None = None) -> dict:
             result["metrics_identical"] = ma["test"] == mb["test"] and ma.get("val") == mb.get("val")
             with np.load(a / "test_probs.npz") as pa, np.load(b / "test_probs.npz") as pb:
                 result["test_probs_identical"] = bool(np.array_equal(pa["probs"], pb["probs"]))
-    result["identical"] = bool(result["history_identical"] and result.get("weights_identical", True)
-                               and result.get("metrics_identical", True) and result.get("test_probs_identical", True))  # fmt: skip
+    result["identical"] = bool(
+        result["history_identical"]
+        and result.get("weights_identical", True)
+        and result.get("metrics_identical", True)
+        and result.get("test_probs_identical", True)
+    )
     return result
 
 
@@ -859,22 +1138,46 @@ def step_b(state, work, models, clock, opts) -> None:
         log.info("(b): too little time left")
         return
     data = work / "data" / "cifar10.npz"
-    run = Run(work, f"b_{opts.b_model}_seed{opts.b_seed}", opts.b_model, opts.b_seed, data, work / "data" / "cifar10.json",
-              work / "specs" / f"{opts.b_model}.json", models[opts.b_model]["tta"], opts.threads, opts.stop_after)  # fmt: skip
-    log.info("(b): %s seed %d, %s", opts.b_model, opts.b_seed, f"stopped after epoch {opts.stop_after}" if opts.stop_after else "all its epochs")
+    run = Run(
+        work,
+        f"b_{opts.b_model}_seed{opts.b_seed}",
+        opts.b_model,
+        opts.b_seed,
+        data,
+        work / "data" / "cifar10.json",
+        work / "specs" / f"{opts.b_model}.json",
+        models[opts.b_model]["tta"],
+        opts.threads,
+        opts.stop_after,
+    )
+    log.info(
+        "(b): %s seed %d, %s",
+        opts.b_model,
+        opts.b_seed,
+        f"stopped after epoch {opts.stop_after}" if opts.stop_after else "all its epochs",
+    )
     record = run.run(clock.deadline - opts.reserve)
     record["folder"] = str(run.folder)
     state["b"] = record
     state.save()
     h = record.get("history") or {}
-    log.info("(b): %s; train job %.1f s, epochs after the first %.1f s, first epoch %.1f s, test accuracy %s",
-             record["status"], record.get("train_wall_s") or 0, h.get("later_epochs_s") or 0, h.get("first_epoch_s") or 0,
-             (record.get("metrics") or {}).get("test_accuracy"))  # fmt: skip
+    log.info(
+        "(b): %s; train job %.1f s, epochs after the first %.1f s, first epoch %.1f s, test accuracy %s",
+        record["status"],
+        record.get("train_wall_s") or 0,
+        h.get("later_epochs_s") or 0,
+        h.get("first_epoch_s") or 0,
+        (record.get("metrics") or {}).get("test_accuracy"),
+    )
 
 
 def step_c(state, work, models, clock, opts) -> None:
     b = state.data.get("b") or {}
-    if b.get("status") != "done" or (state.data.get("c") or {}).get("status") == "done" or "failed" in (state.data.get("c") or {}).get("status", ""):
+    if (
+        b.get("status") != "done"
+        or (state.data.get("c") or {}).get("status") == "done"
+        or "failed" in (state.data.get("c") or {}).get("status", "")
+    ):
         return
     h = b["history"]
     left = clock.left() - opts.reserve
@@ -888,9 +1191,18 @@ def step_c(state, work, models, clock, opts) -> None:
         if epochs < 1:
             log.info("(c): %.0f s left, not enough for one epoch of the rerun", left)
             return
-    run = Run(work, f"c_{opts.b_model}_seed{opts.b_seed}", opts.b_model, opts.b_seed, work / "data" / "cifar10.npz",
-              work / "data" / "cifar10.json", work / "specs" / f"{opts.b_model}.json", models[opts.b_model]["tta"], opts.threads,
-              epochs or opts.stop_after)  # fmt: skip
+    run = Run(
+        work,
+        f"c_{opts.b_model}_seed{opts.b_seed}",
+        opts.b_model,
+        opts.b_seed,
+        work / "data" / "cifar10.npz",
+        work / "data" / "cifar10.json",
+        work / "specs" / f"{opts.b_model}.json",
+        models[opts.b_model]["tta"],
+        opts.threads,
+        epochs or opts.stop_after,
+    )
     log.info("(c): the same job again, %s", f"its first {epochs} epoch(s) (time)" if epochs else "whole")
     record = run.run(clock.deadline - opts.reserve, evaluate=not epochs)
     if record["status"] == "done" or (epochs and record["status"].startswith("trained")):
@@ -907,15 +1219,32 @@ def step_c2(state, work, models, clock, opts) -> None:
     if c.get("status") != "done" or c["comparison"]["identical"] or state.data.get("c2") or opts.c2_cap <= 0:
         return
     b = state["b"]["history"]
-    need = 2 * (state["b"]["train_wall_s"] - b["train_seconds"] + b["first_epoch_s"] + (b["later_epoch_s_median"] or 0)) + 10
+    need = (
+        2 * (state["b"]["train_wall_s"] - b["train_seconds"] + b["first_epoch_s"] + (b["later_epoch_s_median"] or 0))
+        + 10
+    )
     budget = min(opts.c2_cap, clock.left() - opts.reserve)
     if budget < need:
         log.info("(c2): %.0f s available, ~%.0f s needed: skipped", budget, need)
         return
     deadline = now() + budget
     flags = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()}
-    runs = [Run(work, f"c2_{opts.b_model}_{i}", opts.b_model, opts.b_seed, work / "data" / "cifar10.npz", work / "data" / "cifar10.json",
-                work / "specs" / f"{opts.b_model}.json", models[opts.b_model]["tta"], opts.threads, 2, flags) for i in (1, 2)]  # fmt: skip
+    runs = [
+        Run(
+            work,
+            f"c2_{opts.b_model}_{i}",
+            opts.b_model,
+            opts.b_seed,
+            work / "data" / "cifar10.npz",
+            work / "data" / "cifar10.json",
+            work / "specs" / f"{opts.b_model}.json",
+            models[opts.b_model]["tta"],
+            opts.threads,
+            2,
+            flags,
+        )
+        for i in (1, 2)
+    ]
     records = []
     for run in runs:
         run.evaluate = None
@@ -923,7 +1252,13 @@ def step_c2(state, work, models, clock, opts) -> None:
         while run.train.poll() is None and now() < deadline:
             time.sleep(0.2)
         run.train.kill()
-        records.append({"rc": run.train.proc.returncode, "wall_s": round(run.train.wall, 1), "progress": progress(run.train.log_path)})
+        records.append(
+            {
+                "rc": run.train.proc.returncode,
+                "wall_s": round(run.train.wall, 1),
+                "progress": progress(run.train.log_path),
+            }
+        )
     result = {"xla_flags": flags["XLA_FLAGS"], "runs": records}
     if all(r["rc"] == 0 for r in records):
         result["comparison"] = compare(runs[0].folder, runs[1].folder, 2)
@@ -942,10 +1277,17 @@ def published_runs() -> list[tuple[str, int]]:
 
 def step_d(state, work, models, clock, opts) -> None:
     d = state.data.setdefault("d", {"runs": {}})
-    published = {f"{m}_seed{s}": json.loads((REPO / "reports" / "study" / "metrics" / f"{m}_seed{s}.json").read_text())
-                 for m, s in published_runs()}  # fmt: skip
+    published = {
+        f"{m}_seed{s}": json.loads((REPO / "reports" / "study" / "metrics" / f"{m}_seed{s}.json").read_text())
+        for m, s in published_runs()
+    }
     wanted = opts.d_runs or list(published)
-    todo = [key for key in wanted if d["runs"].get(key, {}).get("status", "") != "done" and "failed" not in d["runs"].get(key, {}).get("status", "")]
+    todo = [
+        key
+        for key in wanted
+        if d["runs"].get(key, {}).get("status", "") != "done"
+        and "failed" not in d["runs"].get(key, {}).get("status", "")
+    ]
     if not todo:
         return
     if clock.left() - opts.reserve < 30:
@@ -963,9 +1305,21 @@ def step_d(state, work, models, clock, opts) -> None:
     first = f"{opts.b_model}_seed{opts.b_seed}"  # the (b) job once more, among others: same numbers?
     todo.sort(key=lambda key: (key != first, estimate(key)))
     data, manifest = work / "data" / "cifar10.npz", work / "data" / "cifar10.json"
-    queue = [Run(work, f"d_{key}", key.rsplit("_seed", 1)[0], int(key.rsplit("_seed", 1)[1]), data, manifest,
-                 work / "specs" / f"{key.rsplit('_seed', 1)[0]}.json", models[key.rsplit("_seed", 1)[0]]["tta"], opts.threads,
-                 opts.stop_after) for key in todo]  # fmt: skip
+    queue = [
+        Run(
+            work,
+            f"d_{key}",
+            key.rsplit("_seed", 1)[0],
+            int(key.rsplit("_seed", 1)[1]),
+            data,
+            manifest,
+            work / "specs" / f"{key.rsplit('_seed', 1)[0]}.json",
+            models[key.rsplit("_seed", 1)[0]]["tta"],
+            opts.threads,
+            opts.stop_after,
+        )
+        for key in todo
+    ]
     deadline = clock.deadline - opts.reserve
     running, t0 = [], now()
     d["jobs_at_once"] = opts.d_jobs
@@ -984,8 +1338,13 @@ def step_d(state, work, models, clock, opts) -> None:
                 running.remove(run)
                 key = f"{run.model}_seed{run.seed}"
                 d["runs"][key] = finish_d(run.record, published.get(key), state)
-                log.info("(d) %s: %s, train %.0f s, test accuracy %s", key, run.record["status"], run.record.get("train_wall_s") or 0,
-                         (run.record.get("metrics") or {}).get("test_accuracy"))  # fmt: skip
+                log.info(
+                    "(d) %s: %s, train %.0f s, test accuracy %s",
+                    key,
+                    run.record["status"],
+                    run.record.get("train_wall_s") or 0,
+                    (run.record.get("metrics") or {}).get("test_accuracy"),
+                )
                 state.save()
         if not running and queue and deadline - now() <= 20:
             break
@@ -1000,7 +1359,9 @@ def step_d(state, work, models, clock, opts) -> None:
         key = f"{run.model}_seed{run.seed}"
         d["runs"][key] = finish_d(run.record, published.get(key), state)
     for run in queue:
-        d["runs"].setdefault(f"{run.model}_seed{run.seed}", {"model": run.model, "seed": run.seed, "status": "not started (time)"})
+        d["runs"].setdefault(
+            f"{run.model}_seed{run.seed}", {"model": run.model, "seed": run.seed, "status": "not started (time)"}
+        )
     this_call["wall_s"] = round(now() - t0, 1)
     d["wall_s"] = round(sum(c["wall_s"] for c in d["calls"]), 1)
     d["done"] = sum(1 for r in d["runs"].values() if r.get("status") == "done")
@@ -1016,14 +1377,18 @@ def step_d(state, work, models, clock, opts) -> None:
 def finish_d(record: dict, published: dict | None, state) -> dict:
     record = dict(record)
     if published:
-        record["published"] = {"test_accuracy": published["test"]["accuracy"], "epochs_run": published["epochs_run"],
-                               "train_seconds": published["train_seconds"], "train_images_per_s": published["train_images_per_s"]}  # fmt: skip
+        record["published"] = {
+            "test_accuracy": published["test"]["accuracy"],
+            "epochs_run": published["epochs_run"],
+            "train_seconds": published["train_seconds"],
+            "train_images_per_s": published["train_images_per_s"],
+        }
     return record
 
 
 # ---- versions ------------------------------------------------------------------------------------------------
 
-VERSIONS = r'''
+VERSIONS = r"""
 import json, os, platform, sys, importlib.metadata as md
 out = {"python": platform.python_version(), "executable": sys.executable}
 for p in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "keras", "numpy", "pandas", "scikit-learn", "scipy", "h5py",
@@ -1040,18 +1405,30 @@ import keras
 out["keras_backend"] = keras.backend.backend()
 out["keras_from"] = os.path.dirname(keras.__file__)
 print(json.dumps(out))
-'''
+"""
 
 
 def versions(work: Path) -> dict:
     try:
-        proc = subprocess.run([sys.executable, "-c", VERSIONS], capture_output=True, text=True, timeout=90, env=child_env(work, keras_jax=True))
-        result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+        proc = subprocess.run(
+            [sys.executable, "-c", VERSIONS],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=child_env(work, keras_jax=True),
+        )
+        result = (
+            json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+        )
     except Exception as exc:  # noqa: BLE001
         result = {"error": f"{type(exc).__name__}: {exc}"}
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)  # fmt: skip
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         result["nvidia_smi"] = smi.stdout.strip()
     result["cpus"] = os.cpu_count()
     return result
@@ -1074,8 +1451,16 @@ def cmd_call(opts) -> int:
     opts.stop_after = opts.stop_after or None  # 0: every epoch (tests)
     clock = Clock(opts.budget)
     state = State(work, out)
-    state["calls"].append({"index": opts.index, "count": opts.count, "budget_s": opts.budget, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "tiny": bool(opts.tiny), "argv": sys.argv[1:]})  # fmt: skip
+    state["calls"].append(
+        {
+            "index": opts.index,
+            "count": opts.count,
+            "budget_s": opts.budget,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "tiny": bool(opts.tiny),
+            "argv": sys.argv[1:],
+        }
+    )
     state.save()
     sampler = GpuSampler(work / "logs" / "gpu.csv")
     sampler.start()
@@ -1088,7 +1473,12 @@ def cmd_call(opts) -> int:
         if opts.archive:
             archive = Path(opts.archive)
             got, want = sha256_file(archive), expected_sha256()
-            state["archive"] = {"path": str(archive), "sha256": got, "expected": want, "ok": want is None or got == want}
+            state["archive"] = {
+                "path": str(archive),
+                "sha256": got,
+                "expected": want,
+                "ok": want is None or got == want,
+            }
             if want is not None and got != want:
                 raise SystemExit(f"{archive}: sha256 {got}, expected {want}")
         else:
@@ -1141,10 +1531,17 @@ def tensorflow_check(work: Path) -> dict:
     loaded = [e[2] for e in exits if e[3] == "tensorflow_loaded=True"]
     here = "tensorflow" in sys.modules  # this process: data steps, specs
     starts = [line for line in lines if line.startswith("start")]
-    return {"processes_started": len(starts), "processes_recorded": len(exits), "processes_with_tensorflow_loaded": loaded, "import_attempts": len(attempts),
-            "attempts_from_workflow_code": sorted(set(ours)), "attempts_from_elsewhere": sorted({a[2] for a in attempts} - set(ours))[:10],
-            "orchestrator_tensorflow_loaded": here, "hook_ran": bool(starts),
-            "ok": bool(starts) and not loaded and not ours and not here}  # fmt: skip
+    return {
+        "processes_started": len(starts),
+        "processes_recorded": len(exits),
+        "processes_with_tensorflow_loaded": loaded,
+        "import_attempts": len(attempts),
+        "attempts_from_workflow_code": sorted(set(ours)),
+        "attempts_from_elsewhere": sorted({a[2] for a in attempts} - set(ours))[:10],
+        "orchestrator_tensorflow_loaded": here,
+        "hook_ran": bool(starts),
+        "ok": bool(starts) and not loaded and not ours and not here,
+    }
 
 
 def cmd_pack(opts) -> int:
@@ -1157,11 +1554,23 @@ def cmd_pack(opts) -> int:
         state["tensorflow"] = tensorflow_check(work)
     state.save()
     if (work / "logs" / "proof.log").is_file():
-        text = (work / "logs" / "proof.log").read_bytes()[-(8 << 20):]
+        text = (work / "logs" / "proof.log").read_bytes()[-(8 << 20) :]
         (out / "proof.log").write_bytes(text)
     files = []
-    for pattern in ("logs/*.log", "logs/*.csv", "a/rows.jsonl", "a/*/history.csv", "a/*/train_info.json", "runs/*/history.csv",
-                    "runs/*/train_info.json", "runs/*/metrics.json", "specs/*.json", "data/*.json", "summary.md", "results.json"):
+    for pattern in (
+        "logs/*.log",
+        "logs/*.csv",
+        "a/rows.jsonl",
+        "a/*/history.csv",
+        "a/*/train_info.json",
+        "runs/*/history.csv",
+        "runs/*/train_info.json",
+        "runs/*/metrics.json",
+        "specs/*.json",
+        "data/*.json",
+        "summary.md",
+        "results.json",
+    ):
         files += [p for p in sorted(work.glob(pattern)) if p.is_file() and p.stat().st_size < (4 << 20)]
     limit, total = 15 << 20, 0
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
@@ -1201,43 +1610,69 @@ def summary(data: dict) -> str:
     lines = ["# GPU proof: the workflow's JAX path (tools/gpu_proof)", ""]
     v = data.get("versions") or {}
     if v:
-        lines += [f"Device: {v.get('device_kind')} ({v.get('nvidia_smi', 'no nvidia-smi')}), {v.get('cpus')} CPUs. Python {v.get('python')}, "
-                  f"jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, keras {v.get('keras')} (backend {v.get('keras_backend')}), numpy "
-                  f"{v.get('numpy')}, pandas {v.get('pandas')}, scikit-learn {v.get('scikit-learn')}."
-                  + (f" Versions: error {v['error'][-300:]}" if v.get("error") else ""), ""]  # fmt: skip
+        lines += [
+            f"Device: {v.get('device_kind')} ({v.get('nvidia_smi', 'no nvidia-smi')}), {v.get('cpus')} CPUs. Python {v.get('python')}, "
+            f"jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, keras {v.get('keras')} (backend {v.get('keras_backend')}), numpy "
+            f"{v.get('numpy')}, pandas {v.get('pandas')}, scikit-learn {v.get('scikit-learn')}."
+            + (f" Versions: error {v['error'][-300:]}" if v.get("error") else ""),
+            "",
+        ]
     for call in data.get("calls", []):
-        lines.append(f"- call {call['index']}/{call['count']}: {call.get('started')}, budget {call['budget_s']} s, ran "
-                     f"{fmt(call.get('elapsed_s'), '.0f')} s, steps {call.get('steps')}, exit {call.get('rc', '–')}"
-                     + (" (tiny: CPU emulation)" if call.get("tiny") else ""))  # fmt: skip
+        lines.append(
+            f"- call {call['index']}/{call['count']}: {call.get('started')}, budget {call['budget_s']} s, ran "
+            f"{fmt(call.get('elapsed_s'), '.0f')} s, steps {call.get('steps')}, exit {call.get('rc', '–')}"
+            + (" (tiny: CPU emulation)" if call.get("tiny") else "")
+        )
     arch = data.get("archive")
     if arch:
-        lines += ["", f"Archive: sha256 {arch.get('sha256')} {'matches' if arch.get('ok') else 'DOES NOT MATCH'} the expected value."]
+        lines += [
+            "",
+            f"Archive: sha256 {arch.get('sha256')} {'matches' if arch.get('ok') else 'DOES NOT MATCH'} the expected value.",
+        ]
     dd = data.get("data")
     if dd:
-        lines.append(f"Data: download.main {dd.get('download_s')} s (member md5s checked), preprocess.main {dd.get('preprocess_s')} s, "
-                     f"{dd.get('counts')}.")  # fmt: skip
+        lines.append(
+            f"Data: download.main {dd.get('download_s')} s (member md5s checked), preprocess.main {dd.get('preprocess_s')} s, "
+            f"{dd.get('counts')}."
+        )
     tf = data.get("tensorflow")
     if tf:
-        verdict = "not imported" if tf["ok"] else "NOT CHECKED (the hook did not run)" if not tf.get("hook_ran") else "IMPORTED OR ASKED FOR BY WORKFLOW CODE"
-        lines.append(f"TensorFlow: {verdict}: of "
-                     f"{tf.get('processes_started', '?')} Python processes started, {tf['processes_recorded']} exited normally (the others were "
-                     f"stopped at a deadline) and it was loaded in {len(tf['processes_with_tensorflow_loaded'])} of them; "
-                     f"import attempts {tf['import_attempts']} (from workflow code: {tf['attempts_from_workflow_code'] or 'none'}).")  # fmt: skip
+        verdict = (
+            "not imported"
+            if tf["ok"]
+            else "NOT CHECKED (the hook did not run)"
+            if not tf.get("hook_ran")
+            else "IMPORTED OR ASKED FOR BY WORKFLOW CODE"
+        )
+        lines.append(
+            f"TensorFlow: {verdict}: of "
+            f"{tf.get('processes_started', '?')} Python processes started, {tf['processes_recorded']} exited normally (the others were "
+            f"stopped at a deadline) and it was loaded in {len(tf['processes_with_tensorflow_loaded'])} of them; "
+            f"import attempts {tf['import_attempts']} (from workflow code: {tf['attempts_from_workflow_code'] or 'none'})."
+        )
     # (a)
     a = (data.get("a") or {}).get("entries") or {}
     peak = data.get("peak") or {}
     lines += ["", "## (a) Training images/s: the job (train.main) against the network alone (keras_speed)", ""]
     sd = data.get("speed_data")
     if sd:
-        lines.append(f"train.main on {sd['counts']['train']} training images ({sd['from']}), the entry's spec as the spec rule writes it "
-                     "(backend jax), stopped after its first epochs; img/s: median of the epochs after the first (history.csv, "
-                     "validation excluded). Network alone: keras_speed.time_phases(without_augmentation=True) in the same process "
-                     "right after, same precision. Transfer entries start from random weights (no ImageNet files there)."
-                     + (f" Peak: {peak.get('flops_per_s', 0) / 1e12:.0f} TFLOP/s ({peak.get('dtype')}, {peak.get('size')}²)." if peak.get("flops_per_s") else ""))  # fmt: skip
+        lines.append(
+            f"train.main on {sd['counts']['train']} training images ({sd['from']}), the entry's spec as the spec rule writes it "
+            "(backend jax), stopped after its first epochs; img/s: median of the epochs after the first (history.csv, "
+            "validation excluded). Network alone: keras_speed.time_phases(without_augmentation=True) in the same process "
+            "right after, same precision. Transfer entries start from random weights (no ImageNet files there)."
+            + (
+                f" Peak: {peak.get('flops_per_s', 0) / 1e12:.0f} TFLOP/s ({peak.get('dtype')}, {peak.get('size')}²)."
+                if peak.get("flops_per_s")
+                else ""
+            )
+        )
         lines.append("")
     if a:
-        lines += ["| model | batch | job img/s | network alone img/s | job / network alone | job of peak | job epoch 1 s | net warm-up s | call |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| model | batch | job img/s | network alone img/s | job / network alone | job of peak | job epoch 1 s | net warm-up s | call |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name in [n for n in A_ORDER if n in a] + sorted(set(a) - set(A_ORDER)):
             e = a[name]
             job, net = e.get("job") or {}, e.get("net") or {}
@@ -1245,9 +1680,11 @@ def summary(data: dict) -> str:
             gflop = net.get("train_gflop_per_image")
             of_peak = ips * gflop * 1e9 / peak["flops_per_s"] if ips and gflop and peak.get("flops_per_s") else None
             err = job.get("error") or net.get("error")
-            lines.append(f"| {name} | {job.get('batch_size', '')} | {fmt(ips)} | {fmt(net.get('images_per_s'))} | {fmt(e.get('ratio'), '.3f')} | "
-                         f"{fmt(of_peak, '.1%')} | {fmt(job.get('first_epoch_s'), '.1f')} | {fmt(net.get('warm_up_s'), '.1f')} | "
-                         f"{'/'.join(dict.fromkeys(str(x['call']) for x in (job, net) if x.get('call')))}{' ERROR: ' + err[:120] if err else ''} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {job.get('batch_size', '')} | {fmt(ips)} | {fmt(net.get('images_per_s'))} | {fmt(e.get('ratio'), '.3f')} | "
+                f"{fmt(of_peak, '.1%')} | {fmt(job.get('first_epoch_s'), '.1f')} | {fmt(net.get('warm_up_s'), '.1f')} | "
+                f"{'/'.join(dict.fromkeys(str(x['call']) for x in (job, net) if x.get('call')))}{' ERROR: ' + err[:120] if err else ''} |"
+            )
         missing = [n for n in A_ORDER if n not in a]
         if missing:
             lines += ["", f"Not measured (time): {', '.join(missing)}."]
@@ -1255,17 +1692,25 @@ def summary(data: dict) -> str:
     b = data.get("b")
     if b:
         h, m = b.get("history") or {}, b.get("metrics") or {}
-        resumed = (f" Resumed after epoch {h['resumed_from_epoch']} (stopped at an earlier call's deadline): the epochs, wall and "
-                   "compile figures are the resumed job's." if h.get("resumed_from_epoch") else "")
-        lines += ["", f"## (b) {b['model']} seed {b['seed']}, full data, through train.py and evaluate.py", "",
-                  f"Status: {b['status']}. Train job wall {fmt(b.get('train_wall_s'), '.1f')} s; {h.get('epochs')} epochs: the first "
-                  f"{fmt(h.get('first_epoch_s'), '.1f')} s (compilation ≈ {fmt(h.get('compile_s_estimate'), '.1f')} s more than a later "
-                  f"epoch), the other {fmt((h.get('epochs') or 1) - 1, 'd')} {fmt(h.get('later_epochs_s'), '.1f')} s together "
-                  f"(median {fmt(h.get('later_epoch_s_median'), '.2f')} s, {fmt(h.get('images_per_s_median_later'))} img/s; "
-                  f"epoch times include validation). Evaluate job {fmt(b.get('evaluate_wall_s'), '.1f')} s. Test accuracy "
-                  f"{fmt(m.get('test_accuracy'), '.4f')} (without TTA {fmt(m.get('accuracy_without_tta'), '.4f')}; the published CPU "
-                  f"run: {published_note(b['model'], b['seed'])}). Precision {h.get('precision')}, XLA {h.get('jit_compile')}, device {h.get('device')}."
-                  + resumed]  # fmt: skip
+        resumed = (
+            f" Resumed after epoch {h['resumed_from_epoch']} (stopped at an earlier call's deadline): the epochs, wall and "
+            "compile figures are the resumed job's."
+            if h.get("resumed_from_epoch")
+            else ""
+        )
+        lines += [
+            "",
+            f"## (b) {b['model']} seed {b['seed']}, full data, through train.py and evaluate.py",
+            "",
+            f"Status: {b['status']}. Train job wall {fmt(b.get('train_wall_s'), '.1f')} s; {h.get('epochs')} epochs: the first "
+            f"{fmt(h.get('first_epoch_s'), '.1f')} s (compilation ≈ {fmt(h.get('compile_s_estimate'), '.1f')} s more than a later "
+            f"epoch), the other {fmt((h.get('epochs') or 1) - 1, 'd')} {fmt(h.get('later_epochs_s'), '.1f')} s together "
+            f"(median {fmt(h.get('later_epoch_s_median'), '.2f')} s, {fmt(h.get('images_per_s_median_later'))} img/s; "
+            f"epoch times include validation). Evaluate job {fmt(b.get('evaluate_wall_s'), '.1f')} s. Test accuracy "
+            f"{fmt(m.get('test_accuracy'), '.4f')} (without TTA {fmt(m.get('accuracy_without_tta'), '.4f')}; the published CPU "
+            f"run: {published_note(b['model'], b['seed'])}). Precision {h.get('precision')}, XLA {h.get('jit_compile')}, device {h.get('device')}."
+            + resumed,
+        ]
         if h.get("epoch_time"):
             lines += ["", "| epoch | s | img/s | test accuracy |", "|---|---|---|---|"]
             accs = h.get("test_accuracy_per_epoch") or [None] * len(h["epoch_time"])
@@ -1276,32 +1721,52 @@ def summary(data: dict) -> str:
     c = data.get("c")
     if c:
         comp = c.get("comparison") or {}
-        lines += ["", "## (c) The same job again (same seed)", "",
-                  f"Status: {c['status']}. Identical: **{comp.get('identical')}** over {comp.get('epochs_compared')} epoch(s): history "
-                  f"{comp.get('history_identical')}, weights {comp.get('weights_identical', 'not compared')}, metrics "
-                  f"{comp.get('metrics_identical', 'not compared')}, test probabilities {comp.get('test_probs_identical', 'not compared')}."]  # fmt: skip
+        lines += [
+            "",
+            "## (c) The same job again (same seed)",
+            "",
+            f"Status: {c['status']}. Identical: **{comp.get('identical')}** over {comp.get('epochs_compared')} epoch(s): history "
+            f"{comp.get('history_identical')}, weights {comp.get('weights_identical', 'not compared')}, metrics "
+            f"{comp.get('metrics_identical', 'not compared')}, test probabilities {comp.get('test_probs_identical', 'not compared')}.",
+        ]
         if comp.get("first_difference"):
-            lines.append(f"First difference: {json.dumps(comp['first_difference'])}; max differences {json.dumps(comp.get('max_abs_difference'))}; "
-                         f"weights max {comp.get('weights_max_abs_difference')}.")  # fmt: skip
+            lines.append(
+                f"First difference: {json.dumps(comp['first_difference'])}; max differences {json.dumps(comp.get('max_abs_difference'))}; "
+                f"weights max {comp.get('weights_max_abs_difference')}."
+            )
         if c.get("history"):
-            lines.append(f"Rerun: train job {fmt(c.get('train_wall_s'), '.1f')} s, first epoch {fmt(c['history'].get('first_epoch_s'), '.1f')} s.")
+            lines.append(
+                f"Rerun: train job {fmt(c.get('train_wall_s'), '.1f')} s, first epoch {fmt(c['history'].get('first_epoch_s'), '.1f')} s."
+            )
     c2 = data.get("c2")
     if c2:
-        lines += ["", f"(c2) twice more for 2 epochs with XLA_FLAGS={c2['xla_flags']}: identical "
-                      f"{(c2.get('comparison') or {}).get('identical')}; runs {json.dumps([{k: r[k] for k in ('rc', 'wall_s')} for r in c2['runs']])}."]  # fmt: skip
+        lines += [
+            "",
+            f"(c2) twice more for 2 epochs with XLA_FLAGS={c2['xla_flags']}: identical "
+            f"{(c2.get('comparison') or {}).get('identical')}; runs {json.dumps([{k: r[k] for k in ('rc', 'wall_s')} for r in c2['runs']])}.",
+        ]
     d = data.get("d")
     if d:
         runs = d.get("runs") or {}
         per_call = ", ".join(f"call {c['call']}: {c['wall_s']:.0f} s" for c in d.get("calls", []))
-        lines += ["", f"## (d) The published study's runs, {d.get('jobs_at_once')} jobs at once on the GPU", "",
-                  f"{d.get('done', 0)} of {len(published_runs())} runs done in {fmt(d.get('wall_s'), '.0f')} s of wall time"
-                  f" ({per_call}); "
-                  "a run stopped at a call's deadline resumed from its checkpoint in the next (train.py's own resume)."]  # fmt: skip
+        lines += [
+            "",
+            f"## (d) The published study's runs, {d.get('jobs_at_once')} jobs at once on the GPU",
+            "",
+            f"{d.get('done', 0)} of {len(published_runs())} runs done in {fmt(d.get('wall_s'), '.0f')} s of wall time"
+            f" ({per_call}); "
+            "a run stopped at a call's deadline resumed from its checkpoint in the next (train.py's own resume).",
+        ]
         if d.get("same_as_b"):
-            lines.append(f"{d['same_as_b'].get('run')} here (sharing the GPU) against (b) (alone): identical {d['same_as_b'].get('identical')} "
-                         f"(history {d['same_as_b'].get('history_identical')}, weights {d['same_as_b'].get('weights_identical')}).")
-        lines += ["", "| run | status | epochs (published) | train s | evaluate s | img/s (median, shared GPU) | test accuracy (published) | published CPU train s |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"{d['same_as_b'].get('run')} here (sharing the GPU) against (b) (alone): identical {d['same_as_b'].get('identical')} "
+                f"(history {d['same_as_b'].get('history_identical')}, weights {d['same_as_b'].get('weights_identical')})."
+            )
+        lines += [
+            "",
+            "| run | status | epochs (published) | train s | evaluate s | img/s (median, shared GPU) | test accuracy (published) | published CPU train s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for key in d.get("order", []) + sorted(set(runs) - set(d.get("order", []))):
             r = runs.get(key)
             if not r:
@@ -1309,30 +1774,63 @@ def summary(data: dict) -> str:
             h, m, p = r.get("history") or {}, r.get("metrics") or {}, r.get("published") or {}
             epochs = h.get("epochs", (r.get("progress") or {}).get("epochs_done"))
             status = r["status"] + (" (resumed)" if r.get("resumed") else "")
-            lines.append(f"| {key} | {status} | {fmt(epochs, 'd')} ({fmt(p.get('epochs_run'), 'd')}) | {fmt(r.get('train_wall_s'), '.0f')} | "
-                         f"{fmt(r.get('evaluate_wall_s'), '.0f')} | {fmt(h.get('images_per_s_median_later'))} | "
-                         f"{fmt(m.get('test_accuracy'), '.4f')} ({fmt(p.get('test_accuracy'), '.4f')}) | {fmt(p.get('train_seconds'))} |")  # fmt: skip
+            lines.append(
+                f"| {key} | {status} | {fmt(epochs, 'd')} ({fmt(p.get('epochs_run'), 'd')}) | {fmt(r.get('train_wall_s'), '.0f')} | "
+                f"{fmt(r.get('evaluate_wall_s'), '.0f')} | {fmt(h.get('images_per_s_median_later'))} | "
+                f"{fmt(m.get('test_accuracy'), '.4f')} ({fmt(p.get('test_accuracy'), '.4f')}) | {fmt(p.get('train_seconds'))} |"
+            )
     windows = data.get("windows") or {}
     if windows:
-        lines += ["", "## Steps: seconds and GPU use (nvidia-smi, 1 s samples)", "", "| step | call | s | GPU util mean / max % | GPU memory max MiB |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for name in sorted(windows, key=lambda n: ["data", "a", "b", "c", "c2", "d"].index(n) if n in ("data", "a", "b", "c", "c2", "d") else 9):
+        lines += [
+            "",
+            "## Steps: seconds and GPU use (nvidia-smi, 1 s samples)",
+            "",
+            "| step | call | s | GPU util mean / max % | GPU memory max MiB |",
+            "|---|---|---|---|---|",
+        ]
+        for name in sorted(
+            windows,
+            key=lambda n: ["data", "a", "b", "c", "c2", "d"].index(n) if n in ("data", "a", "b", "c", "c2", "d") else 9,
+        ):
             items = windows[name]
             for w in sorted(items, key=lambda w: w["call"]):
                 if w["seconds"] < 0.5:  # skipped: nothing to do
                     continue
                 g = w.get("gpu") or {}
-                lines.append(f"| {name} | {w['call']} | {w['seconds']} | {fmt(g.get('util_mean'), '.0f')} / {fmt(g.get('util_max'), '.0f')} | "
-                             f"{fmt(g.get('mem_max_mib'), '.0f')} |")  # fmt: skip
+                lines.append(
+                    f"| {name} | {w['call']} | {w['seconds']} | {fmt(g.get('util_mean'), '.0f')} / {fmt(g.get('util_max'), '.0f')} | "
+                    f"{fmt(g.get('mem_max_mib'), '.0f')} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
 
-DEFAULTS = {"a_train": 20000, "a_val": 1000, "a_test": 1000, "a_epochs": 3, "a_images": 20480, "a_rounds": 3, "peak_size": 8192,
-            "stop_after": None, "d_jobs": 6}  # fmt: skip
-TINY = {"subset_train": 400, "subset_val": 100, "subset_test": 200, "a_train": 300, "a_val": 100, "a_test": 100, "a_epochs": 2,
-        "a_images": 256, "a_rounds": 1, "peak_size": 0, "stop_after": 1, "d_jobs": 2}  # fmt: skip
+DEFAULTS = {
+    "a_train": 20000,
+    "a_val": 1000,
+    "a_test": 1000,
+    "a_epochs": 3,
+    "a_images": 20480,
+    "a_rounds": 3,
+    "peak_size": 8192,
+    "stop_after": None,
+    "d_jobs": 6,
+}
+TINY = {
+    "subset_train": 400,
+    "subset_val": 100,
+    "subset_test": 200,
+    "a_train": 300,
+    "a_val": 100,
+    "a_test": 100,
+    "a_epochs": 2,
+    "a_images": 256,
+    "a_rounds": 1,
+    "peak_size": 0,
+    "stop_after": 1,
+    "d_jobs": 2,
+}
 
 
 def main(argv=None) -> int:
@@ -1346,22 +1844,34 @@ def main(argv=None) -> int:
     c.add_argument("--chunk", help="a carried chunk folder (.gpu_data/c<i>)")
     c.add_argument("--archive", help="the whole archive (local runs): no chunks")
     c.add_argument("--budget", type=float, required=True, help="seconds for this call's steps")
-    c.add_argument("--steps", default="auto", help="comma-separated: data, a[:cap_s], b, c, c2, d (auto: by the data there)")
+    c.add_argument(
+        "--steps", default="auto", help="comma-separated: data, a[:cap_s], b, c, c2, d (auto: by the data there)"
+    )
     c.add_argument("--reserve", type=float, default=6, help="seconds kept free at the end")
     c.add_argument("--config", default=str(REPO / "config.yaml"))
     c.add_argument("--threads", type=int, default=8, help="train jobs' --threads (the train rule's threads: 8)")
     c.add_argument("--tiny", action="store_true", help="tiny subsets, one epoch per job (CPU emulation)")
     for name in ("subset_train", "subset_val", "subset_test"):
-        c.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="preprocess subsets of the full data (tests)")
+        c.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=None, help="preprocess subsets of the full data (tests)"
+        )
     for name in DEFAULTS:
         c.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {DEFAULTS[name]}")
-    c.add_argument("--a-models", nargs="*", default=None, help=f"(a)'s entries, in order (default: {' '.join(A_ORDER)})")
+    c.add_argument(
+        "--a-models", nargs="*", default=None, help=f"(a)'s entries, in order (default: {' '.join(A_ORDER)})"
+    )
     c.add_argument("--b-model", default="model_17")
     c.add_argument("--b-seed", type=int, default=0)
-    c.add_argument("--c2-cap", type=float, default=0,
-                   help="seconds at most for (c2), if (c) differs (default 0: never; XLA's deterministic mode refuses "
-                        "the max-pool gradient, cnnstudy/runtime.py)")
-    c.add_argument("--d-runs", nargs="*", default=None, help="(d)'s runs, e.g. model_17_seed0 (default: reports/study/metrics)")
+    c.add_argument(
+        "--c2-cap",
+        type=float,
+        default=0,
+        help="seconds at most for (c2), if (c) differs (default 0: never; XLA's deterministic mode refuses "
+        "the max-pool gradient, cnnstudy/runtime.py)",
+    )
+    c.add_argument(
+        "--d-runs", nargs="*", default=None, help="(d)'s runs, e.g. model_17_seed0 (default: reports/study/metrics)"
+    )
     w = sub.add_parser("worker-a", help="(a)'s worker process (internal)")
     for name in ("data", "specs", "folder", "rows"):
         w.add_argument(f"--{name}", required=True)

@@ -73,7 +73,10 @@ class TrainingState:
         self._trash_leftovers()
         recorded = self._read_job()
         if recorded is not None and recorded.get("job") != job:
-            log.info("discarding training state in %s: it belongs to another job (entry, seed, precision or data changed)", self.root)  # fmt: skip
+            log.info(
+                "discarding training state in %s: it belongs to another job (entry, seed, precision or data changed)",
+                self.root,
+            )
             self.remove()
             recorded = None
         self.root.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,12 @@ class TrainingState:
             self.settings[key] = value
             self._write_job()
         elif self.settings[key] != value:
-            log.warning("keeping %s=%s recorded when this job started (not %s), so the resumed run matches", key, self.settings[key], value)  # fmt: skip
+            log.warning(
+                "keeping %s=%s recorded when this job started (not %s), so the resumed run matches",
+                key,
+                self.settings[key],
+                value,
+            )
         return self.settings[key]
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -132,7 +140,12 @@ class TrainingState:
             except (OSError, ValueError, KeyError) as exc:
                 aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
                 path.rename(aside)
-                log.warning("checkpoint %s is unreadable (%s): set aside as %s; trying the one before it", path.name, exc, aside.name)  # fmt: skip
+                log.warning(
+                    "checkpoint %s is unreadable (%s): set aside as %s; trying the one before it",
+                    path.name,
+                    exc,
+                    aside.name,
+                )
         return None
 
     def begin(self, phase: int, epoch: int) -> Path:

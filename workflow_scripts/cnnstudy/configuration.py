@@ -26,7 +26,18 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.y
 OWN_KEYS = ("name", "base", "note", "published", "seeds", "compare_to", "claim", "sweep", "sweep_params", "protocol")
 # Keys that never change how a model trains (they describe it, place it in the report, or
 # matter only at evaluation): changing them retrains nothing.
-NOT_FOR_TRAINING = ("base", "note", "published", "table", "seeds", "compare_to", "claim", "tta", "sweep", "sweep_params")
+NOT_FOR_TRAINING = (
+    "base",
+    "note",
+    "published",
+    "table",
+    "seeds",
+    "compare_to",
+    "claim",
+    "tta",
+    "sweep",
+    "sweep_params",
+)
 # Settings added after results were published: left out of the training spec while off, so the
 # specs of entries that do not use them (Snakemake's rerun decision, a resumable job's state) stay
 # as they were; training reads them with these defaults.
@@ -212,9 +223,7 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
         if "base" in entry:
             if entry["base"] not in resolved:
                 known = ", ".join(resolved) or "none"
-                problems.append(
-                    f"models ({name}): base {entry['base']!r} is not an earlier model (earlier: {known})"
-                )
+                problems.append(f"models ({name}): base {entry['base']!r} is not an earlier model (earlier: {known})")
                 continue
             spec = {k: v for k, v in resolved[entry["base"]].items() if k not in OWN_KEYS}
         spec = deep_merge(spec, {k: v for k, v in entry.items() if k != "base"})
@@ -240,8 +249,11 @@ def resolve_models(config: dict, schema: dict) -> dict[str, dict]:
                 f"run_models: unknown model name(s) {', '.join(map(repr, unknown))}; "
                 f"known: {', '.join([config_name[n] for n, s in resolved.items() if not s.get('sweep')] + sorted(sweep_names))}"
             )
-        resolved = {name: spec for name, spec in resolved.items()
-                    if config_name[name] in selected or spec.get("sweep") in selected}  # fmt: skip
+        resolved = {
+            name: spec
+            for name, spec in resolved.items()
+            if config_name[name] in selected or spec.get("sweep") in selected
+        }
     return resolved
 
 
@@ -255,7 +267,9 @@ def _named_after_protocol(resolved: dict[str, dict]) -> tuple[dict[str, dict], d
         if protocol != protocols.DEFAULT and not protocols.PART.search(name):
             spec = {**spec, "name": sweeps.point_name(name, {"protocol": protocol})}
         if spec["name"] in named:
-            raise ConfigError(f"invalid config:\n  - models: {name} under protocol {protocol} is named {spec['name']}, like another entry")
+            raise ConfigError(
+                f"invalid config:\n  - models: {name} under protocol {protocol} is named {spec['name']}, like another entry"
+            )
         named[spec["name"]], config_name[spec["name"]] = spec, name
     return named, config_name
 
@@ -265,7 +279,9 @@ def load(config: dict, schema_path: Path = SCHEMA_PATH) -> dict[str, dict]:
     schema = load_schema(schema_path)
     validate(config, schema)
     entry_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/model_entry"}
-    sweeps.check_paths(config["sweeps"], lambda entry: validate(entry, entry_schema, "a sweep point", fill_defaults=False))
+    sweeps.check_paths(
+        config["sweeps"], lambda entry: validate(entry, entry_schema, "a sweep point", fill_defaults=False)
+    )
     points = sweeps.expand(config["sweeps"], [entry["name"] for entry in config["models"]], config["seeds"])
     return resolve_models({**config, "models": [*config["models"], *points]}, schema)
 

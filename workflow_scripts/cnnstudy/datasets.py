@@ -26,8 +26,16 @@ def flip_mask(seed: int, n: int) -> np.ndarray:
 FLIP_STREAM = 0xF11F  # keeps the flip draws apart from epoch_order's (seed, epoch) streams
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0, epochs: int = 1,
-                  drop_last: bool = False, alternating_flip: bool = False):  # fmt: skip
+def train_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    first_epoch: int = 0,
+    epochs: int = 1,
+    drop_last: bool = False,
+    alternating_flip: bool = False,
+):
     """Batches of epochs ``first_epoch`` .. ``epochs - 1``, each in its ``epoch_order``, prefetched.
 
     One dataset for the whole ``fit`` (used with ``steps_per_epoch``): an epoch's last,
@@ -59,8 +67,15 @@ def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
     return ds.map(gather).prefetch(tf.data.AUTOTUNE)
 
 
-def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0,
-                  drop_last: bool = False, alternating_flip: bool = False):  # fmt: skip
+def epoch_batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    first_epoch: int = 0,
+    drop_last: bool = False,
+    alternating_flip: bool = False,
+):
     """train_dataset's batches as a keras.utils.PyDataset of NumPy arrays, for backends other
     than TensorFlow: batch i of the current epoch, which starts at ``first_epoch`` and moves on at
     every epoch's end (Keras calls on_epoch_end), so a resumed fit sees the epochs it resumes."""
@@ -92,8 +107,16 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
     return EpochBatches()
 
 
-def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int = 0, epochs: int = 1,
-                     drop_last: bool = False, alternating_flip: bool = False):  # fmt: skip
+def training_batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    first_epoch: int = 0,
+    epochs: int = 1,
+    drop_last: bool = False,
+    alternating_flip: bool = False,
+):
     """A training fit's batches on the backend Keras runs: train_dataset (tf.data) on TensorFlow,
     epoch_batches (NumPy, no TensorFlow import) elsewhere; the same batches either way."""
     import keras

@@ -27,7 +27,9 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def learning_curve(history: pd.DataFrame, title: str, path: Path, kept_epoch: int | None = None, validation: str = "validation") -> None:
+def learning_curve(
+    history: pd.DataFrame, title: str, path: Path, kept_epoch: int | None = None, validation: str = "validation"
+) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), gridspec_kw={"wspace": 0.3})
     # Cross-entropy without label smoothing where recorded: train and validation measured alike.
     loss = "cross_entropy" if "cross_entropy" in history else "loss"
@@ -58,7 +60,15 @@ def confusion(matrix: np.ndarray, class_names: list[str], title: str, path: Path
     ax.set_yticks(range(len(class_names)), class_names)
     for i in range(len(class_names)):
         for j in range(len(class_names)):
-            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6.5, color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax, fraction=0.046)
@@ -91,9 +101,11 @@ def ladder(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
     study = [(info[n].get("published") or {}).get("val_accuracy") or np.nan for n in names]
     ours = {split: [np.mean([m[split]["accuracy"] for m in metrics[n]]) for n in names] for split in ("val", "test")}
     fig, ax = plt.subplots(figsize=(max(6, 0.75 * len(names) + 2), 3.8))
-    for offset, values, label in ((-0.27, study, "study: val. accuracy (its test set)"),
-                                  (0.0, ours["val"], "ours: val. accuracy (held-out 10 %)"),
-                                  (0.27, ours["test"], "ours: test accuracy")):  # fmt: skip
+    for offset, values, label in (
+        (-0.27, study, "study: val. accuracy (its test set)"),
+        (0.0, ours["val"], "ours: val. accuracy (held-out 10 %)"),
+        (0.27, ours["test"], "ours: test accuracy"),
+    ):
         ax.bar(x + offset, values, width=0.27, label=label)
     ax.set_xticks(x, [n.replace("model_", "#") for n in names])
     ax.set_ylim(0, 1.12)  # room above the bars for the legend, which hid the last rungs' bars at the bottom
@@ -115,13 +127,29 @@ def forest(frame: pd.DataFrame, path: Path) -> None:
     colours = {"improved": "tab:green", "no significant change": "tab:grey", "worse": "tab:red"}
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(frame) + 1.2))
     for y, (_, r) in enumerate(frame.iloc[::-1].iterrows()):
-        ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o",
-                    color=colours[r["verdict"]], capsize=3)  # fmt: skip
+        ax.errorbar(
+            r["diff"],
+            y,
+            xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]],
+            fmt="o",
+            color=colours[r["verdict"]],
+            capsize=3,
+        )
         if r.get("n_new", 1) > 1 or r.get("n_ref", 1) > 1:  # training noise: every pair of runs of the step
             pairs = [float(d) for d in str(r["diff_per_seed"]).split("/")]
-            ax.plot(pairs, [y - 0.25] * len(pairs), "x", color="black", markersize=5, gid="run_pairs",
-                    label="each pair of training runs" if not ax.get_legend_handles_labels()[0] else None)  # fmt: skip
-    ax.set_yticks(range(len(frame)), [f"{m} vs {c}" for m, c in zip(frame["model"][::-1], frame["compared_to"][::-1], strict=True)])
+            ax.plot(
+                pairs,
+                [y - 0.25] * len(pairs),
+                "x",
+                color="black",
+                markersize=5,
+                gid="run_pairs",
+                label="each pair of training runs" if not ax.get_legend_handles_labels()[0] else None,
+            )
+    ax.set_yticks(
+        range(len(frame)),
+        [f"{m} vs {c}" for m, c in zip(frame["model"][::-1], frame["compared_to"][::-1], strict=True)],
+    )
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("difference in test accuracy (95 % paired bootstrap interval)")
     ax.set_title("Did each step help? (green: improved, grey: no significant change, red: worse)", fontsize=9)
@@ -154,12 +182,21 @@ def sweeps(info: dict, metrics: dict[str, list[dict]], path: Path) -> None:
             for n in names:
                 key = tuple(info[n]["sweep_params"][p] for p in others)
                 accs = [m["val"]["accuracy"] for m in metrics[n]]
-                lines.setdefault(key, {})[info[n]["sweep_params"][param]] = (np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0)  # noqa: E501
+                lines.setdefault(key, {})[info[n]["sweep_params"][param]] = (
+                    np.mean(accs),
+                    np.std(accs, ddof=1) if len(accs) > 1 else 0.0,
+                )  # noqa: E501
             for key, points in lines.items():
                 xs = [i for i, v in enumerate(values) if v in points]
                 label = ", ".join(f"{p}={v}" for p, v in zip(others, key, strict=True)) or "all"
-                ax.errorbar(xs, [points[values[i]][0] for i in xs], yerr=[points[values[i]][1] for i in xs],
-                            marker="o", capsize=3, label=label)  # fmt: skip
+                ax.errorbar(
+                    xs,
+                    [points[values[i]][0] for i in xs],
+                    yerr=[points[values[i]][1] for i in xs],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                )
             ax.set_xticks(range(len(values)), [str(v) for v in values])
             ax.set_xlabel(param)
             ax.set_ylabel("validation accuracy")
@@ -178,7 +215,15 @@ def f1_heatmap(f1: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(range(f1.shape[0]), f1.index)
     for i in range(f1.shape[0]):
         for j in range(f1.shape[1]):
-            ax.text(j, i, f"{f1.values[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if f1.values[i, j] < 0.6 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{f1.values[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if f1.values[i, j] < 0.6 else "black",
+            )
     fig.colorbar(image, ax=ax, fraction=0.03, label="test F1")
     ax.set_title("Per-class test F1 (mean over seeds)")
     _save(fig, path)
@@ -189,14 +234,26 @@ def run_figures(m: dict, history: pd.DataFrame, entry: dict, out: Path) -> list[
     name, seed = m["model"], m["seed"]
     curve, matrix = out / "curves" / f"{name}_seed{seed}.png", out / "confusion" / f"{name}_seed{seed}.png"
     test_selected = (m.get("protocol") or {}).get("test_selected")
-    learning_curve(history, f"{name} (seed {seed}): {entry.get('note', '')}", curve, m["kept_epoch"]["epoch"],
-                   "test (study protocol)" if test_selected else "validation")  # fmt: skip
+    learning_curve(
+        history,
+        f"{name} (seed {seed}): {entry.get('note', '')}",
+        curve,
+        m["kept_epoch"]["epoch"],
+        "test (study protocol)" if test_selected else "validation",
+    )
     names = list(m["test"]["per_class"])
-    confusion(np.array(m["test"]["confusion_matrix"]), names, f"{name} (seed {seed}), test accuracy {m['test']['accuracy']:.3f}", matrix)  # fmt: skip
+    confusion(
+        np.array(m["test"]["confusion_matrix"]),
+        names,
+        f"{name} (seed {seed}), test accuracy {m['test']['accuracy']:.3f}",
+        matrix,
+    )
     return [curve, matrix]
 
 
-def write_all(models: str, metrics: list[str], histories: list[str], outdir: str, steps: str | None = None) -> list[Path]:
+def write_all(
+    models: str, metrics: list[str], histories: list[str], outdir: str, steps: str | None = None
+) -> list[Path]:
     """Every figure of the runs whose ``metrics`` and ``histories`` (same order) are given, into ``outdir``."""
     info = configuration.complete(read_json(models))
     out = Path(outdir)
@@ -212,11 +269,25 @@ def write_all(models: str, metrics: list[str], histories: list[str], outdir: str
 
     order = [n for n in info if any(n == k[0] for k in by_run)]
     first_seed = {n: min(s for (m, s) in by_run if m == n) for n in order}
-    table1 = {n: by_run[(n, first_seed[n])][1] for n in order if info[n]["table"] == 1 and configuration.in_study_tables(info[n])}
+    table1 = {
+        n: by_run[(n, first_seed[n])][1]
+        for n in order
+        if info[n]["table"] == 1 and configuration.in_study_tables(info[n])
+    }
     overlay(table1, out / "ladder_overlay.png")
     ladder(info, {n: [m for (k, _), (m, _) in by_run.items() if k == n] for n in order}, out / "ladder_accuracy.png")
     f1 = pd.DataFrame(
-        {n: np.mean([[c["f1-score"] for c in by_run[(n, s)][0]["test"]["per_class"].values()] for (m, s) in by_run if m == n], axis=0) for n in order}  # fmt: skip
+        {
+            n: np.mean(
+                [
+                    [c["f1-score"] for c in by_run[(n, s)][0]["test"]["per_class"].values()]
+                    for (m, s) in by_run
+                    if m == n
+                ],
+                axis=0,
+            )
+            for n in order
+        }
     ).T
     f1.columns = list(next(iter(by_run.values()))[0]["test"]["per_class"])
     f1_heatmap(f1, out / "f1_heatmap.png")

@@ -32,14 +32,27 @@ class PatchWhitening(keras.layers.Layer):
     own schedule, and nothing moves it after: no momentum, no weight decay; ConvMuon does it).
     """
 
-    def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, samples: int = 5000,
-                 bias_lr_multiplier: float = 1.0, bias_epochs: int | None = None, bias_anneal: bool = False,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        kernel_size: int = 2,
+        epsilon: float = 5e-4,
+        samples: int = 5000,
+        bias_lr_multiplier: float = 1.0,
+        bias_epochs: int | None = None,
+        bias_anneal: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.kernel_size, self.epsilon, self.samples = int(kernel_size), float(epsilon), int(samples)
-        self.bias_lr_multiplier, self.bias_epochs, self.bias_anneal = float(bias_lr_multiplier), bias_epochs, bool(bias_anneal)
+        self.bias_lr_multiplier, self.bias_epochs, self.bias_anneal = (
+            float(bias_lr_multiplier),
+            bias_epochs,
+            bool(bias_anneal),
+        )
         if self.bias_anneal and not bias_epochs:
-            raise ConfigError("PatchWhitening: bias_anneal needs bias_epochs >= 1, the epochs over which the rate falls to 0")
+            raise ConfigError(
+                "PatchWhitening: bias_anneal needs bias_epochs >= 1, the epochs over which the rate falls to 0"
+            )
 
     def build(self, input_shape):
         k, channels = self.kernel_size, input_shape[-1]
@@ -76,9 +89,15 @@ class PatchWhitening(keras.layers.Layer):
         return (input_shape[0], input_shape[1] - k + 1, input_shape[2] - k + 1, 2 * k * k * input_shape[-1])
 
     def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon, "samples": self.samples,
-                "bias_lr_multiplier": self.bias_lr_multiplier, "bias_epochs": self.bias_epochs,
-                "bias_anneal": self.bias_anneal}  # fmt: skip
+        return {
+            **super().get_config(),
+            "kernel_size": self.kernel_size,
+            "epsilon": self.epsilon,
+            "samples": self.samples,
+            "bias_lr_multiplier": self.bias_lr_multiplier,
+            "bias_epochs": self.bias_epochs,
+            "bias_anneal": self.bias_anneal,
+        }
 
 
 @keras.saving.register_keras_serializable(package="cnnstudy")
@@ -180,7 +199,9 @@ def _compiled_on_jax(cls):
     return keras.saving.register_keras_serializable(package="cnnstudy", name=name)(subclass)
 
 
-COMPILED_ON_JAX = {cls.__name__: _compiled_on_jax(cls) for cls in (keras.layers.RandomTranslation, keras.layers.RandomRotation)}
+COMPILED_ON_JAX = {
+    cls.__name__: _compiled_on_jax(cls) for cls in (keras.layers.RandomTranslation, keras.layers.RandomRotation)
+}
 
 # Names an entry may use beyond keras.layers / Keras' initialisers.
 CUSTOM_LAYERS = {"PatchWhitening": PatchWhitening, "Bias": Bias}

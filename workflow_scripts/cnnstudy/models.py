@@ -29,7 +29,7 @@ INPUT_SHAPE = (32, 32, 3)
 
 
 def _layer(item: dict, spec: dict, index: int) -> keras.layers.Layer:
-    (class_name, kwargs), = item.items()
+    ((class_name, kwargs),) = item.items()
     kwargs = dict(kwargs or {})
     if class_name == "Dropout":
         kwargs.setdefault("rate", spec["dropout"])
@@ -128,9 +128,14 @@ def build_model(
     return model
 
 
-def compile_model(model: keras.Model, spec: dict, steps_per_epoch: int, jit_compile: bool | str = "auto") -> keras.Model:
-    annealed = {layer.bias.path: layer.bias_epochs * steps_per_epoch for layer in model.layers
-                if isinstance(layer, PatchWhitening) and layer.bias_anneal}  # fmt: skip
+def compile_model(
+    model: keras.Model, spec: dict, steps_per_epoch: int, jit_compile: bool | str = "auto"
+) -> keras.Model:
+    annealed = {
+        layer.bias.path: layer.bias_epochs * steps_per_epoch
+        for layer in model.layers
+        if isinstance(layer, PatchWhitening) and layer.bias_anneal
+    }
     model.compile(
         optimizer=make_optimizer(spec, steps_per_epoch, annealed),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec["label_smoothing"]),
@@ -140,4 +145,3 @@ def compile_model(model: keras.Model, spec: dict, steps_per_epoch: int, jit_comp
         jit_compile=jit_compile,
     )
     return model
-

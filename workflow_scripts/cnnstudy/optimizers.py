@@ -32,8 +32,19 @@ class ConvMuon(keras.optimizers.Optimizer):
 
     NS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's coefficients
 
-    def __init__(self, learning_rate=0.01, momentum=0.85, nesterov=True, muon_scale=1.0, muon_momentum=0.6,
-                 ns_steps=3, annealed=None, anneal_peak=None, name="conv_muon", **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.85,
+        nesterov=True,
+        muon_scale=1.0,
+        muon_momentum=0.6,
+        ns_steps=3,
+        annealed=None,
+        anneal_peak=None,
+        name="conv_muon",
+        **kwargs,
+    ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.muon_scale, self.muon_momentum, self.ns_steps = float(muon_scale), float(muon_momentum), int(ns_steps)
@@ -47,7 +58,9 @@ class ConvMuon(keras.optimizers.Optimizer):
             return
         super().build(variables)
         self.buffers = self.add_optimizer_variables(variables, "momentum")
-        self._anneal_steps = {self._get_variable_index(v): self.annealed[v.path] for v in variables if v.path in self.annealed}
+        self._anneal_steps = {
+            self._get_variable_index(v): self.annealed[v.path] for v in variables if v.path in self.annealed
+        }
         if len(self._anneal_steps) != len(self.annealed):
             missing = sorted(set(self.annealed) - {v.path for v in variables})
             raise ValueError(f"ConvMuon: annealed variables not among the trained ones: {missing}")
@@ -101,9 +114,16 @@ class ConvMuon(keras.optimizers.Optimizer):
             self.assign_sub(variable, ops.multiply(step, lr))
 
     def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov, "muon_scale": self.muon_scale,
-                "muon_momentum": self.muon_momentum, "ns_steps": self.ns_steps, "annealed": self.annealed,
-                "anneal_peak": self.anneal_peak}  # fmt: skip
+        return {
+            **super().get_config(),
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "muon_scale": self.muon_scale,
+            "muon_momentum": self.muon_momentum,
+            "ns_steps": self.ns_steps,
+            "annealed": self.annealed,
+            "anneal_peak": self.anneal_peak,
+        }
 
 
 OPTIMIZERS = {
@@ -115,8 +135,12 @@ OPTIMIZERS = {
     "conv_muon": ConvMuon,
 }
 # Optimizer settings that only some optimizers accept.
-ONLY_FOR = {"momentum": ("sgd", "rmsprop", "conv_muon"), "nesterov": ("sgd", "conv_muon"),
-            "muon_learning_rate": ("conv_muon",), "muon_momentum": ("conv_muon",)}  # fmt: skip
+ONLY_FOR = {
+    "momentum": ("sgd", "rmsprop", "conv_muon"),
+    "nesterov": ("sgd", "conv_muon"),
+    "muon_learning_rate": ("conv_muon",),
+    "muon_momentum": ("conv_muon",),
+}
 
 
 @keras.saving.register_keras_serializable(package="cnnstudy")
@@ -135,8 +159,13 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         return self.peak * keras.ops.where(step < self.warmup_steps, up, keras.ops.maximum(down, self.end))
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "start": self.start, "end": self.end}  # fmt: skip
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "start": self.start,
+            "end": self.end,
+        }
 
 
 def make_optimizer(spec: dict, steps_per_epoch: int, annealed: dict | None = None) -> keras.optimizers.Optimizer:

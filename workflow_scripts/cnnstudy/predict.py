@@ -21,7 +21,9 @@ def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return padded[:, 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
 
 
-def predict_views(model, x: np.ndarray, tta: str = "none", batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def predict_views(
+    model, x: np.ndarray, tta: str = "none", batch_size: int = BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities with TTA, probabilities of the plain images): one pass per view.
 
     flip: the mean over the image and its mirror image. flip_translate (airbench's level 2):

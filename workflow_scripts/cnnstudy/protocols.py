@@ -55,8 +55,10 @@ def vouches(metrics: dict, spec_hash: str) -> bool:
 def refit_epochs(metrics: dict, holdout_hash: str, source: str) -> int:
     """The epoch count a refit trains for: its holdout run's kept epoch."""
     if not vouches(metrics, holdout_hash):
-        raise JobError(f"{source} was trained with another training spec than this refit's holdout run "
-                       f"({holdout_hash}): its kept epoch does not apply")  # fmt: skip
+        raise JobError(
+            f"{source} was trained with another training spec than this refit's holdout run "
+            f"({holdout_hash}): its kept epoch does not apply"
+        )
     return int(metrics["kept_epoch"]["epoch"])
 
 

@@ -90,7 +90,9 @@ def write_tables(
     unknown = sorted({m["model"] for m in loaded} - set(info))
     if unknown:
         raise JobError(f"metrics for model(s) not in {models}: {', '.join(unknown)}")
-    inputs = tables.Inputs(info, tables.per_run(loaded), loaded, correctness(list(probs)), list(benchmarks), benchmark_root)
+    inputs = tables.Inputs(
+        info, tables.per_run(loaded), loaded, correctness(list(probs)), list(benchmarks), benchmark_root
+    )
     written = {}
     for table in tables.wanted(info):
         if only is not None and table.name not in only:

@@ -48,7 +48,9 @@ def select_backend(backend: str) -> str:
     if "keras" in sys.modules:
         current = sys.modules["keras"].backend.backend()
         if current != backend:
-            raise JobError(f"Keras already runs on {current} in this process: a {backend} job needs a process of its own")
+            raise JobError(
+                f"Keras already runs on {current} in this process: a {backend} job needs a process of its own"
+            )
         return backend
     os.environ["KERAS_BACKEND"] = backend
     return backend
@@ -58,7 +60,11 @@ def backend() -> str:
     """The backend Keras runs (or will run) in this process."""
     import sys
 
-    return sys.modules["keras"].backend.backend() if "keras" in sys.modules else os.environ.get("KERAS_BACKEND", "tensorflow")
+    return (
+        sys.modules["keras"].backend.backend()
+        if "keras" in sys.modules
+        else os.environ.get("KERAS_BACKEND", "tensorflow")
+    )
 
 
 def available_cpus() -> int:
@@ -88,7 +94,9 @@ def configure_threads(threads: int) -> tuple[int, int]:
         import sys
 
         if "jax" not in sys.modules:
-            flags = f"--xla_cpu_multi_thread_eigen={'true' if intra > 1 else 'false'} intra_op_parallelism_threads={intra}"
+            flags = (
+                f"--xla_cpu_multi_thread_eigen={'true' if intra > 1 else 'false'} intra_op_parallelism_threads={intra}"
+            )
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
         return intra, inter
     import tensorflow as tf
@@ -188,17 +196,28 @@ def _setup_jax_device(require_gpu: str, deterministic_ops: bool) -> dict:
     if not gpus and (require_gpu == "true" or (require_gpu == "auto" and nvidia_gpus_present())):
         why = "this machine has an NVIDIA GPU but" if require_gpu == "auto" else "require_gpu is true but"
         raise JobError(f"{why} JAX sees no GPU (jax {jax.__version__}, CPU-only jaxlib?): {JAX_GPU_FIX}")
-    info: dict = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "backend": "jax", "jax": jax.__version__}
+    info: dict = {
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "backend": "jax",
+        "jax": jax.__version__,
+    }
     if gpus:
         capability = str(getattr(gpus[0], "compute_capability", "") or "0")
         # XLA's deterministic mode (--xla_gpu_deterministic_ops) refuses to compile the max-pool
         # gradient (select-and-scatter, google/flax#4233), which most rungs need: not turned on, and
         # recorded as off, so the same seed may give other numbers on a GPU (docs/reproducibility.md).
         if deterministic_ops:
-            log.warning("deterministic_ops: not available on JAX GPUs (no deterministic max-pool gradient in XLA); "
-                        "same-seed runs may differ here")  # fmt: skip
-        info.update(kind="GPU", name=gpus[0].device_kind, count=len(gpus), deterministic_ops=False,
-                    compute_capability=[int(part) for part in capability.split(".")])  # fmt: skip
+            log.warning(
+                "deterministic_ops: not available on JAX GPUs (no deterministic max-pool gradient in XLA); "
+                "same-seed runs may differ here"
+            )
+        info.update(
+            kind="GPU",
+            name=gpus[0].device_kind,
+            count=len(gpus),
+            deterministic_ops=False,
+            compute_capability=[int(part) for part in capability.split(".")],
+        )
     else:
         info.update(kind="CPU", name=cpu_info()[0], count=available_cpus())
     return info
@@ -239,7 +258,9 @@ def resolve_jit(requested: str, device: dict, policy: str) -> bool | str:
     """
     if requested in ("on", "off"):
         return requested == "on"
-    if device.get("backend") == "jax":  # every layer compiles there (layers.COMPILED_ON_JAX); uncompiled JAX runs op by op
+    if (
+        device.get("backend") == "jax"
+    ):  # every layer compiles there (layers.COMPILED_ON_JAX); uncompiled JAX runs op by op
         return True
     return "auto" if device.get("kind") == "GPU" else False
 
@@ -258,8 +279,15 @@ def seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def prepare(threads: int, precision: str, jit_compile: str, seed: int, require_gpu: str = "auto",
-            deterministic_ops: bool = True, keep=None) -> dict:  # fmt: skip
+def prepare(
+    threads: int,
+    precision: str,
+    jit_compile: str,
+    seed: int,
+    require_gpu: str = "auto",
+    deterministic_ops: bool = True,
+    keep=None,
+) -> dict:
     """Threads, device, precision policy, XLA and seeds for one training job, in the order
     TensorFlow needs them. ``keep(name, value)`` returns the value a resumed job started
     with (threads and precision change the numbers); without it, the given values are used.

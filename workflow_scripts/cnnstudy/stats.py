@@ -36,15 +36,28 @@ def paired(correct_new: np.ndarray, correct_ref: np.ndarray, seed: int = 0) -> d
     from statsmodels.stats.contingency_tables import mcnemar
 
     ci = stats.bootstrap(
-        (a, b), lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis), paired=True, vectorized=True,
-        n_resamples=RESAMPLES, confidence_level=0.95, method="BCa", batch=100, rng=np.random.default_rng(seed),
-    ).confidence_interval  # fmt: skip
+        (a, b),
+        lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=RESAMPLES,
+        confidence_level=0.95,
+        method="BCa",
+        batch=100,
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
     only_new = int(np.sum(correct_new & ~correct_ref))
     only_ref = int(np.sum(~correct_new & correct_ref))
     both, neither = int(np.sum(correct_new & correct_ref)), int(np.sum(~correct_new & ~correct_ref))
     p = mcnemar(np.array([[both, only_new], [only_ref, neither]]), exact=True).pvalue
-    return {"diff": float(a.mean() - b.mean()), "ci_low": float(ci.low), "ci_high": float(ci.high),
-            "only_new": only_new, "only_ref": only_ref, "p": float(p)}  # fmt: skip
+    return {
+        "diff": float(a.mean() - b.mean()),
+        "ci_low": float(ci.low),
+        "ci_high": float(ci.high),
+        "only_new": only_new,
+        "only_ref": only_ref,
+        "p": float(p),
+    }
 
 
 def verdict(diff: float, p_holm: float) -> str:
@@ -93,17 +106,25 @@ def steps_frame(models: dict, runs: pd.DataFrame, correct: dict) -> pd.DataFrame
         claim = models[name].get("claim") or {}
         new, ref = accuracy[name], accuracy[reference]
         published = [(models[m].get("published") or {}).get("val_accuracy", np.nan) for m in (name, reference)]
-        rows.append({
-            "model": name, "compared_to": reference, "note": models[name].get("note", ""),
-            "study_claim": claim.get("verdict", ""), "study_says": claim.get("says", ""),
-            "study_diff": published[0] - published[1], "seed": seeds[0],
-            **paired(correct[(name, seeds[0])], correct[(reference, seeds[0])]),
-            "n_new": len(new), "n_ref": len(ref), "mean_diff": float(np.mean(new) - np.mean(ref)),
-            "std_new": float(np.std(new, ddof=1)) if len(new) > 1 else np.nan,
-            "std_ref": float(np.std(ref, ddof=1)) if len(ref) > 1 else np.nan,
-            "diff_per_seed": " / ".join(f"{d:+.4f}" for d in diffs),
-            "sign_holds": all(d > 0 for d in diffs) or all(d < 0 for d in diffs),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "compared_to": reference,
+                "note": models[name].get("note", ""),
+                "study_claim": claim.get("verdict", ""),
+                "study_says": claim.get("says", ""),
+                "study_diff": published[0] - published[1],
+                "seed": seeds[0],
+                **paired(correct[(name, seeds[0])], correct[(reference, seeds[0])]),
+                "n_new": len(new),
+                "n_ref": len(ref),
+                "mean_diff": float(np.mean(new) - np.mean(ref)),
+                "std_new": float(np.std(new, ddof=1)) if len(new) > 1 else np.nan,
+                "std_ref": float(np.std(ref, ddof=1)) if len(ref) > 1 else np.nan,
+                "diff_per_seed": " / ".join(f"{d:+.4f}" for d in diffs),
+                "sign_holds": all(d > 0 for d in diffs) or all(d < 0 for d in diffs),
+            }
+        )
     frame = pd.DataFrame(rows)
     if len(frame):
         frame["p_holm"] = multipletests(frame["p"], alpha=ALPHA, method="holm")[1]

@@ -38,7 +38,13 @@ def _nested(path: str, value) -> dict:
 
 
 def _text(value) -> str:
-    text = format(value, "g") if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    text = (
+        format(value, "g")
+        if isinstance(value, float)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
@@ -60,7 +66,9 @@ def check_paths(sweeps: list[dict], entry_schema_check) -> None:
                     entry_schema_check({"name": "sweep_point", **_nested(path, value)})
                 except ConfigError as exc:
                     detail = str(exc).split("\n", 1)[-1].strip().removeprefix("- ")
-                    problems.append(f"sweeps[{i}] ({sweep.get('name', sweep['base'])}).grid: {path!r} is not a setting of a model entry or takes no {value!r} ({detail})")  # noqa: E501
+                    problems.append(
+                        f"sweeps[{i}] ({sweep.get('name', sweep['base'])}).grid: {path!r} is not a setting of a model entry or takes no {value!r} ({detail})"
+                    )  # noqa: E501
                     break
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -72,7 +80,9 @@ def expand(sweeps: list[dict], known: list[str], default_seeds: list[int]) -> li
     for i, sweep in enumerate(sweeps):
         label = sweep.get("name") or sweep["base"]
         if sweep["base"] not in known:
-            problems.append(f"sweeps[{i}] ({label}): base {sweep['base']!r} is not a model entry (entries: {', '.join(known)})")
+            problems.append(
+                f"sweeps[{i}] ({label}): base {sweep['base']!r} is not a model entry (entries: {', '.join(known)})"
+            )
             continue
         paths = list(sweep["grid"])
         for values in itertools.product(*(sweep["grid"][p] for p in paths)):
@@ -80,15 +90,17 @@ def expand(sweeps: list[dict], known: list[str], default_seeds: list[int]) -> li
             entry: dict = {}
             for path, value in params.items():
                 entry = _merge(entry, _nested(path, value))
-            entries.append({
-                **entry,
-                "name": point_name(sweep["base"], params),
-                "base": sweep["base"],
-                "note": f"sweep {label}: " + ", ".join(f"{p}={v}" for p, v in params.items()),
-                "seeds": list(sweep.get("seeds") or default_seeds),
-                "sweep": label,
-                "sweep_params": params,
-            })  # fmt: skip
+            entries.append(
+                {
+                    **entry,
+                    "name": point_name(sweep["base"], params),
+                    "base": sweep["base"],
+                    "note": f"sweep {label}: " + ", ".join(f"{p}={v}" for p, v in params.items()),
+                    "seeds": list(sweep.get("seeds") or default_seeds),
+                    "sweep": label,
+                    "sweep_params": params,
+                }
+            )
     names = [e["name"] for e in entries]
     clashes = sorted({n for n in names if names.count(n) > 1 or n in known})
     if clashes:

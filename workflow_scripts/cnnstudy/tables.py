@@ -142,6 +142,7 @@ def cell(mean, std=np.nan, digits: int | None = None) -> str:
 
 def display(numeric: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
     """The one formatting pass: numbers to text (mean ± spread, fixed digits)."""
+
     def one(c: Column, row: pd.Series) -> str:
         return c.show(row) if c.show else cell(row[c.key], row[c.spread] if c.spread else np.nan, c.digits)
 
@@ -176,8 +177,10 @@ def ladder_table(number: int):
         members = [n for n, e in inputs.models.items() if e["table"] == number and configuration.in_study_tables(e)]
         agg = aggregate(inputs.runs, members) if len(inputs.runs) else pd.DataFrame()
         timed = any(inputs.models[n]["time_to_accuracy"] for n in agg.index)
-        columns = [Column("model", "Model", show=lambda r: r["model"] + (f" {STALE}" if r["trained_by_other_code"] else "")),
-                   Column("note", "Change")]  # fmt: skip
+        columns = [
+            Column("model", "Model", show=lambda r: r["model"] + (f" {STALE}" if r["trained_by_other_code"] else "")),
+            Column("note", "Change"),
+        ]
         for key, (label, _, digits) in QUANTITIES.items():
             if key in OPTIONAL and not timed:
                 continue
@@ -234,15 +237,24 @@ def describe_change(entry: dict, base: dict | None) -> str:
         return "(first model of its line)"
     skip = configuration.OWN_KEYS + ("table",)
     # A setting that appears or disappears as a whole (e.g. early stopping) is one change.
-    whole = {k for k in {**base, **entry} if k not in skip and isinstance(base.get(k), dict) != isinstance(entry.get(k), dict)}
+    whole = {
+        k
+        for k in {**base, **entry}
+        if k not in skip and isinstance(base.get(k), dict) != isinstance(entry.get(k), dict)
+    }
     old = {**_flatten({k: v for k, v in base.items() if k not in whole}), **{k: base.get(k) for k in whole}}
     new = {**_flatten({k: v for k, v in entry.items() if k not in whole}), **{k: entry.get(k) for k in whole}}
     changes = []
     for key in [k for k in {**old, **new} if old.get(k) != new.get(k)]:
         text = f"{key}: {_show(key, old.get(key))} → {_show(key, new.get(key))}"
         if key == "layers":
-            before, after = collections.Counter(_layer_names(old.get(key))), collections.Counter(_layer_names(new.get(key)))
-            delta = [f"+{n}×{k}" for k, n in (after - before).items()] + [f"-{n}×{k}" for k, n in (before - after).items()]
+            before, after = (
+                collections.Counter(_layer_names(old.get(key))),
+                collections.Counter(_layer_names(new.get(key))),
+            )
+            delta = [f"+{n}×{k}" for k, n in (after - before).items()] + [
+                f"-{n}×{k}" for k, n in (before - after).items()
+            ]
             text += f" ({', '.join(delta) or 'same layers, new arguments'})"
         changes.append(text)
     return "; ".join(changes) or "(no change)"
@@ -263,25 +275,40 @@ def annex_table(inputs: Inputs):
     for name, row in agg.iterrows():
         entry = inputs.models[name]
         backbone = entry.get("backbone")
-        rows.append({
-            "model": name, "note": entry.get("note", ""),
-            "changes": describe_change(entry, inputs.models.get(entry.get("base"))),
-            "backbone": f"{backbone['name']} ({backbone['weights']}, {backbone['trainable']})" if backbone else "",
-            "layers": int(sizes.loc[name, "layers"]), "params": int(sizes.loc[name, "params"]),
-            "optimizer": entry["optimizer"]["name"], "learning_rate": entry["optimizer"]["learning_rate"],
-            "batch_size": entry["batch_size"], "augmentation": ", ".join(["alternating flip"] * bool(entry.get("alternating_flip")) + _layer_names(entry["augmentation"])) or "none",
-            **{k: row[k] for k in ("epochs_run_mean", "epochs_run_std", "train_seconds_mean", "train_seconds_std")},
-            "n": int(row["n"]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "note": entry.get("note", ""),
+                "changes": describe_change(entry, inputs.models.get(entry.get("base"))),
+                "backbone": f"{backbone['name']} ({backbone['weights']}, {backbone['trainable']})" if backbone else "",
+                "layers": int(sizes.loc[name, "layers"]),
+                "params": int(sizes.loc[name, "params"]),
+                "optimizer": entry["optimizer"]["name"],
+                "learning_rate": entry["optimizer"]["learning_rate"],
+                "batch_size": entry["batch_size"],
+                "augmentation": ", ".join(
+                    ["alternating flip"] * bool(entry.get("alternating_flip")) + _layer_names(entry["augmentation"])
+                )
+                or "none",
+                **{k: row[k] for k in ("epochs_run_mean", "epochs_run_std", "train_seconds_mean", "train_seconds_std")},
+                "n": int(row["n"]),
+            }
+        )
     columns = [
-        Column("model", "Model"), Column("note", "Study's change"), Column("changes", "What changed (from config)"),
-        Column("backbone", "Backbone"), Column("layers", "Layers"),
-        Column("params", "Parameters", show=lambda r: f"{r['params']:,}"), Column("optimizer", "Optimizer"),
+        Column("model", "Model"),
+        Column("note", "Study's change"),
+        Column("changes", "What changed (from config)"),
+        Column("backbone", "Backbone"),
+        Column("layers", "Layers"),
+        Column("params", "Parameters", show=lambda r: f"{r['params']:,}"),
+        Column("optimizer", "Optimizer"),
         Column("learning_rate", "Learning rate", show=lambda r: f"{r['learning_rate']:g}"),
-        Column("batch_size", "Batch size"), Column("augmentation", "Augmentation"),
+        Column("batch_size", "Batch size"),
+        Column("augmentation", "Augmentation"),
         Column("epochs_run_mean", "Epochs", 1, "epochs_run_std"),
-        Column("train_seconds_mean", "Train time (s)", 0, "train_seconds_std"), Column("n", "n"),
-    ]  # fmt: skip
+        Column("train_seconds_mean", "Train time (s)", 0, "train_seconds_std"),
+        Column("n", "n"),
+    ]
     return pd.DataFrame(rows), columns, ANNEX_NOTE
 
 
@@ -294,7 +321,9 @@ def steps_table(inputs: Inputs):
         Column("step", "Step", show=lambda r: f"{r['model']} vs {r['compared_to']}"),
         Column("note", "Change"),
         Column("study_claim", "Study's claim", show=lambda r: r["study_claim"] or "(beyond the study)"),
-        Column("study_diff", "Study's Δ", show=lambda r: f"{r['study_diff']:+.4f}" if pd.notna(r["study_diff"]) else ""),
+        Column(
+            "study_diff", "Study's Δ", show=lambda r: f"{r['study_diff']:+.4f}" if pd.notna(r["study_diff"]) else ""
+        ),
         Column("verdict", "Our verdict"),
         Column("agrees", "Agrees", show=lambda r: {True: "yes", False: "no"}.get(r["agrees"], "")),
         Column("diff", "Δ test acc. (seed)", show=lambda r: f"{r['diff']:+.4f} (seed {r['seed']})"),
@@ -302,10 +331,19 @@ def steps_table(inputs: Inputs):
         Column("only_new", "Only new right / only old right", show=lambda r: f"{r['only_new']} / {r['only_ref']}"),
         Column("p", "McNemar p", show=lambda r: f"{r['p']:.2g}"),
         Column("p_holm", "Holm p", show=lambda r: f"{r['p_holm']:.2g}"),
-        Column("mean_diff", "Δ mean over seeds", show=lambda r: f"{r['mean_diff']:+.4f} (n {r['n_new']} vs {r['n_ref']})"
-               if r["n_new"] > 1 or r["n_ref"] > 1 else ""),
-        Column("diff_per_seed", "Δ per pair of runs", show=lambda r: r["diff_per_seed"] if r["n_new"] > 1 or r["n_ref"] > 1 else ""),
-    ]  # fmt: skip
+        Column(
+            "mean_diff",
+            "Δ mean over seeds",
+            show=lambda r: (
+                f"{r['mean_diff']:+.4f} (n {r['n_new']} vs {r['n_ref']})" if r["n_new"] > 1 or r["n_ref"] > 1 else ""
+            ),
+        ),
+        Column(
+            "diff_per_seed",
+            "Δ per pair of runs",
+            show=lambda r: r["diff_per_seed"] if r["n_new"] > 1 or r["n_ref"] > 1 else "",
+        ),
+    ]
     return frame, columns, stats.footnote(frame, inputs.runs)
 
 
@@ -326,9 +364,15 @@ def sweep_table(inputs: Inputs):
     rows = []
     for name, row in agg.iterrows():
         entry = points[name]
-        rows.append({"sweep": entry["sweep"], "model": name, **{p: entry["sweep_params"].get(p) for p in params},
-                     **{f"{k}_{stat}": row[f"{k}_{stat}"] for k in SWEEP_METRICS for stat in ("mean", "std")},
-                     "n": int(row["n"])})  # fmt: skip
+        rows.append(
+            {
+                "sweep": entry["sweep"],
+                "model": name,
+                **{p: entry["sweep_params"].get(p) for p in params},
+                **{f"{k}_{stat}": row[f"{k}_{stat}"] for k in SWEEP_METRICS for stat in ("mean", "std")},
+                "n": int(row["n"]),
+            }
+        )
     columns = [Column("sweep", "Sweep"), *(Column(p, p) for p in params)]
     columns += [Column(f"{k}_mean", QUANTITIES[k][0], QUANTITIES[k][2], f"{k}_std") for k in SWEEP_METRICS]
     columns += [Column("n", "n"), Column("model", "Entry")]
@@ -346,8 +390,13 @@ def settings(entry: dict) -> dict:
     return {k: _show(k, v) if k in ("layers", "augmentation") else v for k, v in flat.items() if k != "name"}
 
 
-def compare_frame(models: dict, runs: pd.DataFrame, names: list[str] | None = None,
-                  sort: str = "val_accuracy", ascending: bool = False) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+def compare_frame(
+    models: dict,
+    runs: pd.DataFrame,
+    names: list[str] | None = None,
+    sort: str = "val_accuracy",
+    ascending: bool = False,
+) -> tuple[pd.DataFrame, list[str]]:
     """One row per chosen entry (mean ± std over its seeds), the settings that differ among them
     as columns, sorted by ``sort`` (any metric, or a setting). Returns (frame, setting columns)."""
     names = [n for n in (list(models) if names is None else names) if n in set(runs["model"])]
@@ -357,13 +406,21 @@ def compare_frame(models: dict, runs: pd.DataFrame, names: list[str] | None = No
     keys = list(dict.fromkeys(k for f in flat.values() for k in f))
     differ = [k for k in keys if len({json_key(flat[n].get(k)) for n in names}) > 1]
     agg = aggregate(runs, names)
-    rows = [{"model": n, **{k: flat[n].get(k) for k in differ},
-             **{f"{q}_{s}": agg.loc[n, f"{q}_{s}"] for q in COMPARE_METRICS for s in ("mean", "std")},
-             "n": int(agg.loc[n, "n"])} for n in names]  # fmt: skip
+    rows = [
+        {
+            "model": n,
+            **{k: flat[n].get(k) for k in differ},
+            **{f"{q}_{s}": agg.loc[n, f"{q}_{s}"] for q in COMPARE_METRICS for s in ("mean", "std")},
+            "n": int(agg.loc[n, "n"]),
+        }
+        for n in names
+    ]
     frame = pd.DataFrame(rows)
     key = sort if sort in frame else f"{sort}_mean"
     if key not in frame:
-        raise KeyError(f"cannot sort by {sort!r}: choose a metric ({', '.join(COMPARE_METRICS)}) or a setting that differs")
+        raise KeyError(
+            f"cannot sort by {sort!r}: choose a metric ({', '.join(COMPARE_METRICS)}) or a setting that differs"
+        )
     return frame.sort_values(key, ascending=ascending, kind="stable").reset_index(drop=True), differ
 
 
@@ -424,27 +481,51 @@ def protocols_table(inputs: Inputs):
         for name in sorted(members, key=lambda n: protocols.PROTOCOLS.index(protocols.of(inputs.models[n]))):
             protocol = protocols.of(inputs.models[name])
             row = agg.loc[name]
-            rows.append({
-                "model": rung, "protocol": protocol, "entry": name, "n": int(row["n"]),
-                "test_accuracy_mean": row["test_accuracy_mean"], "test_accuracy_std": row["test_accuracy_std"],
-                "study_test_accuracy": study,
-                "gap_to_study": row["test_accuracy_mean"] - study if study is not None else np.nan,
-                "val_accuracy_mean": row["val_accuracy_mean"], "val_accuracy_std": row["val_accuracy_std"],
-                "epochs_run_mean": row["epochs_run_mean"], "epochs_run_std": row["epochs_run_std"],
-                "trains_on": protocols.TRAINS_ON[protocol], "epochs_chosen_on": protocols.EPOCHS_CHOSEN_ON[protocol],
-                "test_selected": protocol == "study",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": rung,
+                    "protocol": protocol,
+                    "entry": name,
+                    "n": int(row["n"]),
+                    "test_accuracy_mean": row["test_accuracy_mean"],
+                    "test_accuracy_std": row["test_accuracy_std"],
+                    "study_test_accuracy": study,
+                    "gap_to_study": row["test_accuracy_mean"] - study if study is not None else np.nan,
+                    "val_accuracy_mean": row["val_accuracy_mean"],
+                    "val_accuracy_std": row["val_accuracy_std"],
+                    "epochs_run_mean": row["epochs_run_mean"],
+                    "epochs_run_std": row["epochs_run_std"],
+                    "trains_on": protocols.TRAINS_ON[protocol],
+                    "epochs_chosen_on": protocols.EPOCHS_CHOSEN_ON[protocol],
+                    "test_selected": protocol == "study",
+                }
+            )
     columns = [
-        Column("model", "Rung"), Column("protocol", "Protocol", show=lambda r: r["protocol"] + (" (test-selected)" if r["test_selected"] else "")),
-        Column("trains_on", "Trains on"), Column("epochs_chosen_on", "Epochs chosen on"),
+        Column("model", "Rung"),
+        Column(
+            "protocol", "Protocol", show=lambda r: r["protocol"] + (" (test-selected)" if r["test_selected"] else "")
+        ),
+        Column("trains_on", "Trains on"),
+        Column("epochs_chosen_on", "Epochs chosen on"),
         Column("epochs_run_mean", "Epochs", 1, "epochs_run_std"),
         Column("study_test_accuracy", "Study", 4),
         Column("test_accuracy_mean", "Test accuracy", 4, "test_accuracy_std"),
-        Column("gap_to_study", "Gap to study", show=lambda r: f"{r['gap_to_study']:+.4f}" if pd.notna(r["gap_to_study"]) else ""),
-        Column("val_accuracy_mean", "Val. accuracy", show=lambda r: cell(r["val_accuracy_mean"], r["val_accuracy_std"], 4)
-               if r["protocol"] == protocols.DEFAULT else "none (trained on it)"),
+        Column(
+            "gap_to_study",
+            "Gap to study",
+            show=lambda r: f"{r['gap_to_study']:+.4f}" if pd.notna(r["gap_to_study"]) else "",
+        ),
+        Column(
+            "val_accuracy_mean",
+            "Val. accuracy",
+            show=lambda r: (
+                cell(r["val_accuracy_mean"], r["val_accuracy_std"], 4)
+                if r["protocol"] == protocols.DEFAULT
+                else "none (trained on it)"
+            ),
+        ),
         Column("n", "n"),
-    ]  # fmt: skip
+    ]
     return pd.DataFrame(rows), columns, PROTOCOLS_NOTE
 
 
@@ -462,28 +543,39 @@ def provenance_table(inputs: Inputs):
         trained = p.get("training") or {}
         packages = trained.get("packages") or {}
         device = p.get("device") or {}
-        rows.append({
-            "Model": run["model"], "Seed": run["seed"],
-            "Device": f"{device.get('kind', '')} {device.get('name', '')}".strip(),
-            "Precision": p.get("precision"), "Threads": (p.get("threads") or {}).get("intra_op"),
-            "TensorFlow": packages.get("tensorflow"), "Keras": packages.get("keras"), "NumPy": packages.get("numpy"),
-            "Config hash": p.get("spec_hash"), "Data md5": (p.get("data") or {}).get("npz_md5"),
-            "Trained at commit": _commit(trained.get("original") or trained),
-            "Training code": (trained.get("original") or trained).get("code_hash"),
-            "Reproduced at commit": _commit(trained) if trained.get("original") else "",
-            "Code now": run["training_code"] + (f" {STALE}" if run["stale"] else ""),
-            "Evaluation code now": run["evaluation_code"],
-            "Verified at commit": ", ".join(f"{v['commit'][:12]} ({v['date']}, {v['epochs']})" for v in p.get("verified") or []),
-        })  # fmt: skip
+        rows.append(
+            {
+                "Model": run["model"],
+                "Seed": run["seed"],
+                "Device": f"{device.get('kind', '')} {device.get('name', '')}".strip(),
+                "Precision": p.get("precision"),
+                "Threads": (p.get("threads") or {}).get("intra_op"),
+                "TensorFlow": packages.get("tensorflow"),
+                "Keras": packages.get("keras"),
+                "NumPy": packages.get("numpy"),
+                "Config hash": p.get("spec_hash"),
+                "Data md5": (p.get("data") or {}).get("npz_md5"),
+                "Trained at commit": _commit(trained.get("original") or trained),
+                "Training code": (trained.get("original") or trained).get("code_hash"),
+                "Reproduced at commit": _commit(trained) if trained.get("original") else "",
+                "Code now": run["training_code"] + (f" {STALE}" if run["stale"] else ""),
+                "Evaluation code now": run["evaluation_code"],
+                "Verified at commit": ", ".join(
+                    f"{v['commit'][:12]} ({v['date']}, {v['epochs']})" for v in p.get("verified") or []
+                ),
+            }
+        )
     numeric = pd.DataFrame(rows)
-    note = ("One row per model and seed, from its metrics file. Trained at commit, Training code: the checkout "
-            "that trained the run and the hash of its train script and every workflow module that imports, "
-            "as recorded then. Reproduced at commit: a commit whose code make verify-published found to "
-            "reproduce the run (two epochs or more retrained, every history value equal), to which the run "
-            "is attributed. Code now: same (the current training code hashes as the run's), verified (as "
-            "a checked commit's: Verified at commit, with the date and the epochs compared) or differs "
-            f"{STALE} (neither: verify or rerun it). Evaluation code now: the same for the code that "
-            "evaluated the run.")  # fmt: skip
+    note = (
+        "One row per model and seed, from its metrics file. Trained at commit, Training code: the checkout "
+        "that trained the run and the hash of its train script and every workflow module that imports, "
+        "as recorded then. Reproduced at commit: a commit whose code make verify-published found to "
+        "reproduce the run (two epochs or more retrained, every history value equal), to which the run "
+        "is attributed. Code now: same (the current training code hashes as the run's), verified (as "
+        "a checked commit's: Verified at commit, with the date and the epochs compared) or differs "
+        f"{STALE} (neither: verify or rerun it). Evaluation code now: the same for the code that "
+        "evaluated the run."
+    )
     return numeric, [Column(c, c) for c in numeric.columns], note
 
 
@@ -495,9 +587,19 @@ def benchmark_table(inputs: Inputs):
         bench = pd.read_csv(path, sep="\t")
         root = inputs.benchmark_root
         job = Path(path).relative_to(root).with_suffix("").as_posix() if root else Path(path).stem
-        rows.append({"Job": job, "Wall time (s)": round(float(bench["s"].iloc[-1]), 1), "Peak RSS (MB)": round(float(bench["max_rss"].iloc[-1]), 0)})  # fmt: skip
+        rows.append(
+            {
+                "Job": job,
+                "Wall time (s)": round(float(bench["s"].iloc[-1]), 1),
+                "Peak RSS (MB)": round(float(bench["max_rss"].iloc[-1]), 0),
+            }
+        )
     numeric = pd.DataFrame(rows, columns=["Job", "Wall time (s)", "Peak RSS (MB)"])
-    return numeric, [Column(c, c) for c in numeric.columns], "From Snakemake's benchmark: files (max_rss is the peak resident memory)."  # noqa: E501
+    return (
+        numeric,
+        [Column(c, c) for c in numeric.columns],
+        "From Snakemake's benchmark: files (max_rss is the peak resident memory).",
+    )  # noqa: E501
 
 
 REGISTRY = [
@@ -507,8 +609,13 @@ REGISTRY = [
     Table("table4", "Table 4 - Did each step help? Paired tests on the test set", "table4", steps_table),
     Table("sweeps", "Sweeps: every point, mean ± std over seeds", "sweeps", sweep_table),
     Table("compare", "All runs compared: what differs, sorted by validation accuracy", "compare", compare_table),
-    Table("protocols", "Protocols: the study's number and ours, trained and selected three ways", "protocols", protocols_table,
-          wanted=has_protocols),
+    Table(
+        "protocols",
+        "Protocols: the study's number and ours, trained and selected three ways",
+        "protocols",
+        protocols_table,
+        wanted=has_protocols,
+    ),
     Table("provenance", "Provenance of every result", "provenance", provenance_table),
     Table("benchmarks", "Benchmarks: wall time and peak memory per job", "benchmarks", benchmark_table),
 ]

@@ -95,12 +95,21 @@ class EpochLogger(keras.callbacks.Callback):
 
 def log_epoch(epoch: int, total_epochs: int, row: dict, prefix: str = "") -> None:
     """One progress line: an epoch just trained, or (``prefix``) one restored from a checkpoint."""
-    validation = f"  val_loss {row['val_loss']:.4f}  val_accuracy {row['val_accuracy']:.4f}" if "val_loss" in row else ""
+    validation = (
+        f"  val_loss {row['val_loss']:.4f}  val_accuracy {row['val_accuracy']:.4f}" if "val_loss" in row else ""
+    )
     log.info(
         "%sepoch %d/%d  loss %.4f  accuracy %.4f%s  lr %.3g  %.1f s  %.0f img/s",
-        prefix, epoch, total_epochs, row.get("loss", math.nan), row.get("accuracy", math.nan), validation,
-        row["learning_rate"], row["epoch_time"], row["images_per_s"],
-    )  # fmt: skip
+        prefix,
+        epoch,
+        total_epochs,
+        row.get("loss", math.nan),
+        row.get("accuracy", math.nan),
+        validation,
+        row["learning_rate"],
+        row["epoch_time"],
+        row["images_per_s"],
+    )
 
 
 class EvaluatedAccuracy(keras.callbacks.Callback):
@@ -119,7 +128,11 @@ class EvaluatedAccuracy(keras.callbacks.Callback):
         with predict.evaluated_weights(self.model):
             probs, _ = predict.predict_views(self.model, self.x_test, self.tta)
         logs["test_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.labels))
-        log.info("epoch %d  test_accuracy %.4f (as evaluated; recorded for time-to-accuracy only)", epoch + 1, logs["test_accuracy"])  # fmt: skip
+        log.info(
+            "epoch %d  test_accuracy %.4f (as evaluated; recorded for time-to-accuracy only)",
+            epoch + 1,
+            logs["test_accuracy"],
+        )
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -138,7 +151,12 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def state(self) -> dict:
         best = None if self.best is None else float(self.best)
-        return {"wait": int(self.wait), "best": best, "best_epoch": int(self.best_epoch), "stopped_epoch": int(self.stopped_epoch)}  # fmt: skip
+        return {
+            "wait": int(self.wait),
+            "best": best,
+            "best_epoch": int(self.best_epoch),
+            "stopped_epoch": int(self.stopped_epoch),
+        }
 
     @property
     def stopped(self) -> bool:
@@ -182,12 +200,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return sum(p.stat().st_size for p in self.state.latest.path.iterdir() if p.is_file())
         variables = [*self.model.variables, *self.model.optimizer.variables]
         best = len(self.model.weights) if self.early is not None else 0
-        return int(1.1 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)) * (2 if best else 1) + 2**20
+        return (
+            int(1.1 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)) * (2 if best else 1)
+            + 2**20
+        )
 
     def save(self, epoch: int) -> None:
         sealed = self.state.latest.epoch if self.state.latest else 0
-        then = (f"the last sealed checkpoint (after epoch {sealed}) is kept; free space and rerun the job: it resumes "
-                "there and gives the same result")  # fmt: skip
+        then = (
+            f"the last sealed checkpoint (after epoch {sealed}) is kept; free space and rerun the job: it resumes "
+            "there and gives the same result"
+        )
         ensure_space(self.state.root, self.checkpoint_bytes(), f"the checkpoint of epoch {epoch} into", then)
         tmp = self.state.begin(self.phase, epoch)
         try:
@@ -228,12 +251,24 @@ def phases(spec: dict) -> list[dict]:
     fine_tune = (spec.get("backbone") or {}).get("fine_tune")
     if fine_tune:
         optimizer = {**spec["optimizer"], "learning_rate": fine_tune["learning_rate"]}
-        result.append({**spec, "epochs": fine_tune["epochs"], "optimizer": optimizer, "unfreeze": fine_tune["unfreeze"]})
+        result.append(
+            {**spec, "epochs": fine_tune["epochs"], "optimizer": optimizer, "unfreeze": fine_tune["unfreeze"]}
+        )
     return result
 
 
-def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, jit, evaluate_on=None,
-               tensorboard: str | None = None, stop_after: int | None = None) -> dict:  # fmt: skip
+def fit_phases(
+    model,
+    spec: dict,
+    seed: int,
+    state: TrainingState,
+    train,
+    val,
+    jit,
+    evaluate_on=None,
+    tensorboard: str | None = None,
+    stop_after: int | None = None,
+) -> dict:
     """Train ``model`` through every phase of ``spec``, resuming from ``state``'s checkpoint.
 
     ``train`` and ``val`` are (images, one-hot labels); ``evaluate_on`` (images, labels)
@@ -264,14 +299,41 @@ def fit_phases(model, spec: dict, seed: int, state: TrainingState, train, val, j
         here = resume if resume is not None and resume.phase == index else None
         if "unfreeze" in phase:
             models.set_backbone_trainable(model, phase["unfreeze"])
-            log.info("phase %d: backbone unfrozen (%s), learning rate %g", index, phase["unfreeze"], phase["optimizer"]["learning_rate"])  # fmt: skip
+            log.info(
+                "phase %d: backbone unfrozen (%s), learning rate %g",
+                index,
+                phase["unfreeze"],
+                phase["optimizer"]["learning_rate"],
+            )
         models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=jit)
         early = _restored_early_stopping(phase["early_stopping"], here) if phase.get("early_stopping") else None
         first, last = _epoch_range(here, start, end, stop_after)
-        callbacks = _callbacks(spec, seed, index, total, datasets.images_per_epoch(len(x), batch, drop_last),
-                               evaluate_on, tensorboard, early, EpochCheckpoint(state, index, rows, early))  # fmt: skip
-        batches = datasets.training_batches(*train, batch, seed, first, last, drop_last, spec.get("alternating_flip", False))
-        _fit(model, batches, steps, val_ds, None if tf_data else batch, first, last, callbacks, f"{spec['name']} seed {seed}", phase)
+        callbacks = _callbacks(
+            spec,
+            seed,
+            index,
+            total,
+            datasets.images_per_epoch(len(x), batch, drop_last),
+            evaluate_on,
+            tensorboard,
+            early,
+            EpochCheckpoint(state, index, rows, early),
+        )
+        batches = datasets.training_batches(
+            *train, batch, seed, first, last, drop_last, spec.get("alternating_flip", False)
+        )
+        _fit(
+            model,
+            batches,
+            steps,
+            val_ds,
+            None if tf_data else batch,
+            first,
+            last,
+            callbacks,
+            f"{spec['name']} seed {seed}",
+            phase,
+        )
         start = end
         if stop_after is not None and end >= stop_after:
             break
@@ -294,12 +356,25 @@ def _epoch_range(here: Checkpoint | None, start: int, end: int, stop_after: int 
     return first, last
 
 
-def _callbacks(spec: dict, seed: int, phase: int, total: int, per_epoch: int, evaluate_on, tensorboard: str | None,
-               early: ResumableEarlyStopping | None, checkpoint: EpochCheckpoint) -> list:  # fmt: skip
+def _callbacks(
+    spec: dict,
+    seed: int,
+    phase: int,
+    total: int,
+    per_epoch: int,
+    evaluate_on,
+    tensorboard: str | None,
+    early: ResumableEarlyStopping | None,
+    checkpoint: EpochCheckpoint,
+) -> list:
     """A phase's callbacks, in the order their additions to an epoch's logs need: the reseeding
     first, the loggers and readers of the logs after what they read, the checkpoint last."""
-    callbacks = [EpochSeeds(seed), FreezeWhiteningBias(), EpochLogger(per_epoch, total, phase),
-                 keras.callbacks.TerminateOnNaN(raise_error=True)]  # fmt: skip
+    callbacks = [
+        EpochSeeds(seed),
+        FreezeWhiteningBias(),
+        EpochLogger(per_epoch, total, phase),
+        keras.callbacks.TerminateOnNaN(raise_error=True),
+    ]
     if evaluate_on is not None:
         callbacks.append(EvaluatedAccuracy(*evaluate_on, spec["tta"]))
     if tensorboard:  # after the callbacks that add to the epoch's logs; it only reads them
@@ -307,8 +382,18 @@ def _callbacks(spec: dict, seed: int, phase: int, total: int, per_epoch: int, ev
     return [*callbacks, *([early] if early is not None else []), checkpoint]
 
 
-def _fit(model, batches, steps: int, val_ds, val_batch: int | None, first: int, last: int, callbacks: list, job: str,
-         phase: dict) -> None:  # fmt: skip
+def _fit(
+    model,
+    batches,
+    steps: int,
+    val_ds,
+    val_batch: int | None,
+    first: int,
+    last: int,
+    callbacks: list,
+    job: str,
+    phase: dict,
+) -> None:
     """One phase's ``model.fit``; a NaN or Inf loss (TerminateOnNaN) fails the job, naming its rate."""
     try:
         model.fit(

@@ -76,7 +76,9 @@ def fetch(name: str, cache_dir: str | Path, input_size: int = 32, mirror: str | 
     # get_file quietly falls back to /tmp/.keras when the cache directory does not exist yet.
     cache.mkdir(parents=True, exist_ok=True)
     try:
-        got = keras.utils.get_file(source["fname"], origin, file_hash=source["file_hash"], cache_dir=str(cache), cache_subdir=".")
+        got = keras.utils.get_file(
+            source["fname"], origin, file_hash=source["file_hash"], cache_dir=str(cache), cache_subdir="."
+        )
     except Exception as exc:  # get_file raises bare Exception for network errors, ValueError for bad hashes
         (cache / source["fname"]).unlink(missing_ok=True)
         raise JobError(
