@@ -3,7 +3,9 @@
 #   make test   create .venv and run the test suite (what CI runs, via .ci/run)
 #   make verify-published   retrain the published runs' first epochs and compare (after any change
 #                           to training code): RUNS=model_09_seed0,model_17_seed0 EPOCHS=2 (0: whole
-#                           runs and their evaluation); RECORD=1 adds the checks to reports/study
+#                           runs and their evaluation); RECORD=1 adds the checks to reports/study;
+#                           ON_OTHER_MACHINE=skip: runs recorded on another machine kind fail at
+#                           once, "machine differs", instead of being retrained
 # Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11,
 #          GPU=1 (NVIDIA machines: install TensorFlow's GPU build, requirements-gpu.txt),
 #          BACKEND=jax (train on Keras' JAX backend; with GPU=1: jax[cuda12], requirements-jax-gpu.txt)
@@ -18,6 +20,7 @@ GPU ?=
 BACKEND ?=
 RUNS ?=
 EPOCHS ?= 2
+ON_OTHER_MACHINE ?= retrain
 CORES ?= 2
 RECORD ?=
 REQUIREMENTS = $(if $(GPU),$(if $(filter jax,$(BACKEND)),requirements-jax-gpu.txt,requirements-gpu.txt),requirements.txt)
@@ -54,7 +57,7 @@ publish: setup
 # The published runs are config.yaml's entries and the refit and study entries of presets/protocols.yaml.
 verify-published: setup
 	snakemake verify_published --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS) --configfile presets/protocols.yaml \
-	    --config $(DATA_ITEM) results_dir=$(RESULTS) run_models=null 'verify={runs: [$(RUNS)], epochs: $(EPOCHS)}'
+	    --config $(DATA_ITEM) results_dir=$(RESULTS) run_models=null 'verify={runs: [$(RUNS)], epochs: $(EPOCHS), on_other_machine: $(ON_OTHER_MACHINE)}'
 	$(if $(RECORD),python workflow_scripts/verify_published.py record --published reports/study \
 	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python tools/publish.py --refresh reports/study)
 

@@ -25,11 +25,12 @@ rule verify_run:
         scratch=lambda wildcards, output: f"{output[0]}.work",
         # A check holds for the code that made it: changed training or evaluation code checks again.
         code=[CODE["train"], CODE["evaluate"]],
+        on_other_machine=config["verify"]["on_other_machine"],
     shell:
         "python {input.script} --published {params.published:q} --model {wildcards.model}"
         " --seed {wildcards.seed} --spec {input.spec:q} --data {input.data:q}"
         " --manifest {input.manifest:q} --epochs {wildcards.epochs} --scratch {params.scratch:q}"
-        " --out {output:q} --threads {threads} > {log} 2>&1"
+        " --out {output:q} --threads {threads} --on-other-machine {params.on_other_machine} > {log} 2>&1"
 
 
 rule verify_published:

@@ -149,6 +149,34 @@ class StudyAugmentation:
 PATHS = ("workflow", "ceiling", "baseline")
 
 
+def _path_setup(path: str, spec: dict, x, y, x_test, steps: int, precision: str, device) -> tuple:
+    """One measured path's (model, fit arguments, predict arguments or None, policy, XLA)."""
+    import keras
+
+    from cnnstudy import datasets, models
+
+    batch = spec["batch_size"]
+    policy = "float32" if path == "baseline" else runtime.resolve_precision(precision, device)
+    jit = False if path == "baseline" else runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
+    keras.mixed_precision.set_global_policy(policy)  # a model keeps the policy it was built under
+    runtime.seed_everything(0)
+    entry = {**spec, "augmentation": []} if path == "baseline" else spec  # the generator augments
+    model = models.compile_model(models.build_model(entry, train_images=x), entry, steps, jit)
+    if path == "workflow":
+        fit = {"x": datasets.train_dataset(x, y, batch, seed=0), "shuffle": False}
+        predict = {"x": datasets.eval_dataset(x_test, None, 500)}
+    elif path == "ceiling":
+        # Distinct batches, not one batch repeated: a model fed a single batch fits it within an
+        # epoch (loss ~0.001) and then ran 30 % slower than the real path (model_10, measured).
+        fit = {"x": datasets.eval_dataset(x, y, batch).cache()}  # in order; filled by the warm-up
+        predict = None
+    else:
+        augmentation = StudyAugmentation(spec)
+        fit = {"x": augmentation.flow(x, y, batch, seed=0)} if augmentation else {"x": x, "y": y, "batch_size": batch}
+        predict = {"x": x_test, "batch_size": 500}
+    return model, fit, predict, policy, jit
+
+
 def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, threads: int, precision: str) -> dict:
     """Training (and evaluation) images/s of ``paths``, all in this one process.
 
@@ -161,10 +189,6 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     intra, _ = runtime.configure_threads(threads)
     with np.load(data) as arrays:
         x, y, x_test = arrays["x_train"][:images], arrays["y_train"][:images], arrays["x_test"]
-    import keras
-
-    from cnnstudy import datasets, models
-
     (spec,) = _load([spec_path]).values()
     device = runtime.setup_device()
     batch = spec["batch_size"]
@@ -172,26 +196,7 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     x, y = x[: steps * batch], y[: steps * batch]
     setups, settings = {}, {}  # path -> (model, fit args, predict args); path -> (policy, XLA)
     for path in paths:
-        policy = "float32" if path == "baseline" else runtime.resolve_precision(precision, device)
-        jit = False if path == "baseline" else runtime.resolve_jit(spec.get("jit_compile", "auto"), device, policy)
-        keras.mixed_precision.set_global_policy(policy)  # a model keeps the policy it was built under
-        runtime.seed_everything(0)
-        entry = {**spec, "augmentation": []} if path == "baseline" else spec  # the generator augments
-        model = models.compile_model(models.build_model(entry, train_images=x), entry, steps, jit)
-        if path == "workflow":
-            fit = {"x": datasets.train_dataset(x, y, batch, seed=0), "shuffle": False}
-            predict = {"x": datasets.eval_dataset(x_test, None, 500)}
-        elif path == "ceiling":
-            # Distinct batches, not one batch repeated: a model fed a single batch fits it within an
-            # epoch (loss ~0.001) and then ran 30 % slower than the real path (model_10, measured).
-            fit = {"x": datasets.eval_dataset(x, y, batch).cache()}  # in order; filled by the warm-up
-            predict = None
-        else:
-            augmentation = StudyAugmentation(spec)
-            fit = (
-                {"x": augmentation.flow(x, y, batch, seed=0)} if augmentation else {"x": x, "y": y, "batch_size": batch}
-            )
-            predict = {"x": x_test, "batch_size": 500}
+        model, fit, predict, policy, jit = _path_setup(path, spec, x, y, x_test, steps, precision, device)
         setups[path], settings[path] = (model, fit, predict), (policy, jit)
         _epoch_rate(model, len(x), **fit)  # untimed warm-up: tracing, caches, thread pools
         if predict:

@@ -18,6 +18,9 @@ Identical: ``--out`` records the check (commit, date, epochs, the code hashes it
 Otherwise the job fails naming the run, epoch and column, and says "machine differs" instead of
 "code changed" where this machine or its packages cannot give what the run recorded (another
 device or CPU, no bf16 instructions for a bf16 run, other TensorFlow, Keras or NumPy versions).
+``--on-other-machine skip`` says so at once, without retraining: runs trained on another CPU kind
+differed from their first epoch (docs/reproducibility.md), so retraining there costs hours to learn
+what the provenance already tells.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pandas as pd
@@ -116,6 +120,7 @@ def main(
     scratch: str,
     out: str,
     threads: int | None = None,
+    on_other_machine: typing.Literal["retrain", "skip"] = "retrain",
 ) -> dict:
     metrics, history = published_run(Path(published), model, seed)
     recorded = metrics["provenance"]
@@ -129,6 +134,11 @@ def main(
     machine = machine_differences(recorded)
     for line in machine:
         log.warning("%s: machine differs: %s", job, line)
+    if machine and on_other_machine == "skip":
+        raise JobError(
+            f"{job}: machine differs ({'; '.join(machine)}): not retrained (verify.on_other_machine: skip); "
+            "check it on the machine kind it trained on, or retrain here with on_other_machine: retrain"
+        )
     threads = threads or recorded["threads"]["intra_op"]
     stop = epochs or None
     log.info(
