@@ -219,7 +219,9 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
         proc = subprocess.Popen(
             _train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, stdout=log, stderr=subprocess.STDOUT
         )
-    whole = ("first", "second") if kind == "early stopping" else ("first",)  # the same seed twice: one kind is enough
+    # The same seed twice, as its own check, on the cheap entry; on model_10 the resumed run's
+    # equality with the uninterrupted one already needs every epoch's draws to repeat across processes.
+    whole = ("first", "second") if kind == "plain" else ("first",)
     uninterrupted = {}
     for name in whole:
         with open(runs[name] / "job.log", "w") as log:
@@ -233,7 +235,7 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
     assert saved_epoch(runs["resumed"] / "state") >= 1 and not (runs["resumed"] / "model.keras").exists()
     for name, run in uninterrupted.items():
         assert run.wait(timeout=900) == 0, f"{name}: {(runs[name] / 'job.log').read_text()[-3000:]}"
-    if kind == "early stopping":
+    if kind == "plain":
         _same_run(runs["first"], runs["second"])
     info = json.loads((runs["first"] / "info.json").read_text())
     assert info["backend"] == "jax" and info["device"]["jax"] and info["jit_compile"] is True
