@@ -59,7 +59,7 @@ verify-published: setup
 	snakemake verify_published --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS) --configfile presets/protocols.yaml \
 	    --config $(DATA_ITEM) results_dir=$(RESULTS) run_models=null 'verify={runs: [$(RUNS)], epochs: $(EPOCHS), on_other_machine: $(ON_OTHER_MACHINE)}'
 	$(if $(RECORD),python workflow_scripts/verify_published.py record --published reports/study \
-	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python tools/publish.py --refresh reports/study)
+	    $(RESULTS)/verify/*/seed_*/epochs_*.json && python tools/publish.py --refresh --out reports/study)
 
 lint: setup
 	snakemake --lint

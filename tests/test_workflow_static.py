@@ -265,3 +265,31 @@ def test_a_scripts_command_line_follows_its_mains_signature():
             parser.parse_args(argv)
     with pytest.raises(TypeError, match="not parameters of"):
         cli.parser_for(main, {"dta": "typo"})
+
+
+def test_the_makefiles_tool_commands_are_accepted_by_the_tools(tmp_path):
+    """`make publish` and `make verify-published RECORD=1` call tools/publish.py and
+    verify_published.py record with command lines their parsers accept: an option renamed in a
+    tool fails here, not after the hours a full verification takes (it once did: `--refresh
+    reports/study`)."""
+    import shlex
+
+    import publish
+    import verify_published
+
+    parsers = {
+        "tools/publish.py": publish.parser(),
+        "workflow_scripts/verify_published.py": verify_published.record_parser(),
+    }
+    called = []
+    for target in (["publish"], ["verify-published", "RECORD=1"]):
+        proc = subprocess.run(["make", "-n", *target, f"RESULTS={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        for line in proc.stdout.replace("\\\n", " ").splitlines():
+            for command in line.split("&&"):
+                argv = shlex.split(command, comments=True)
+                if len(argv) > 1 and argv[0] == "python" and argv[1] in parsers:
+                    args = argv[3:] if argv[2:3] == ["record"] else argv[2:]
+                    parsers[argv[1]].parse_args(args)  # exits (a test error) on an unknown option
+                    called.append(argv[1])
+    assert sorted(set(called)) == sorted(parsers) and called.count("tools/publish.py") == 2, called
