@@ -228,15 +228,9 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     }
 
 
-def _spawn(
-    data: str, spec_path: str, paths: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1
-):
-    """Run ``jobs`` copies of one measurement (``paths``: comma-separated), each in a fresh process, at once."""
-    cmd = [
-        sys.executable,
-        str(HERE / "benchmark.py"),
-        "--measure",
-        paths,
+def _measure_args(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str) -> list[str]:
+    """The command-line arguments a measuring process of this script (see _spawn, Worker) takes."""
+    return [
         "--data",
         data,
         "--specs",
@@ -249,6 +243,19 @@ def _spawn(
         str(threads),
         "--precision",
         precision,
+    ]
+
+
+def _spawn(
+    data: str, spec_path: str, paths: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1
+):
+    """Run ``jobs`` copies of one measurement (``paths``: comma-separated), each in a fresh process, at once."""
+    cmd = [
+        sys.executable,
+        str(HERE / "benchmark.py"),
+        "--measure",
+        paths,
+        *_measure_args(data, spec_path, images, rounds, threads, precision),
     ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(jobs)]
     results = []
@@ -434,20 +441,7 @@ def compare_backends(
     times (so a slow spell of this machine falls on every backend alike); then each measures its
     matmul peaks. One row per backend: median img/s and the fraction of the machine's bfloat16 peak
     (the higher of the backends' measured bfloat16 peaks)."""
-    args = [
-        "--data",
-        data,
-        "--specs",
-        spec_path,
-        "--images",
-        str(images),
-        "--rounds",
-        str(rounds),
-        "--threads",
-        str(threads),
-        "--precision",
-        precision,
-    ]
+    args = _measure_args(data, spec_path, images, rounds, threads, precision)
     (name,) = _load([spec_path])
     workers = [Worker(backend, args, scratch / f"{name}-{backend}.log") for backend in backends]
     try:
