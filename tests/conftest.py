@@ -156,37 +156,19 @@ def copy_workdir(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, fake_archive) -> Path:
-    """A small preprocessed npz: real CIFAR-10 images when the mirror is there, else test-built ones."""
-    import download
-    import preprocess
-
-    root = tmp_path_factory.mktemp("tiny_data")
-    if MIRROR.is_file():
-        download.main(str(MIRROR), str(root / "raw"))
-    else:
-        archive, md5 = fake_archive
-        download.main(str(archive), str(root / "raw"), md5=md5)
-    preprocess.main(
-        str(root / "raw"),
-        str(root / "tiny.npz"),
-        str(root / "tiny.json"),
-        subset_train=400,
-        subset_val=100,
-        subset_test=200,
-    )
-    return root / "tiny.npz"
-
-
-@pytest.fixture(scope="session")
-def ladder_specs() -> dict:
+def load_ladder() -> dict:
+    """The entries of config.yaml, resolved (name -> training spec)."""
     import yaml
 
     from cnnstudy import configuration
 
     with open(REPO / "config.yaml") as fh:
         return configuration.load(yaml.safe_load(fh))
+
+
+@pytest.fixture(scope="session")
+def ladder_specs() -> dict:
+    return load_ladder()
 
 
 @pytest.fixture(scope="session")
@@ -246,6 +228,35 @@ def started_early(request, tmp_path_factory) -> dict:
             started[name] = pool.submit(function, tmp_path_factory, started)
     yield started
     pool.shutdown(wait=False, cancel_futures=True)  # a session cut short does not wait for it
+
+
+@early("tiny_data")
+def _tiny_data(tmp_path_factory, started) -> Path:
+    import download
+    import preprocess
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    if MIRROR.is_file():
+        download.main(str(MIRROR), str(root / "raw"))
+    else:
+        path = tmp_path_factory.mktemp("fake") / "cifar-10-python.tar.gz"
+        download.main(str(path), str(root / "raw"), md5=make_cifar_archive(path))
+    preprocess.main(
+        str(root / "raw"),
+        str(root / "tiny.npz"),
+        str(root / "tiny.json"),
+        subset_train=400,
+        subset_val=100,
+        subset_test=200,
+    )
+    return root / "tiny.npz"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(started_early) -> Path:
+    """A small preprocessed npz: real CIFAR-10 images when the mirror is there, else test-built ones.
+    Made early (the resume matrix trains on it from the session's start)."""
+    return started_early["tiny_data"].result()
 
 
 @early("tiny_prepared")

@@ -27,7 +27,7 @@ import train
 
 from cnnstudy import checkpoint, predict, training
 
-from conftest import SCRIPTS, saved_epoch, two_at_a_time, wait_for_epoch
+from conftest import SCRIPTS, early, load_ladder, saved_epoch, two_at_a_time, wait_for_epoch
 
 # ---- the state directory ------------------------------------------------------------------
 
@@ -165,8 +165,15 @@ def _outs(root: Path) -> dict:
     }
 
 
+# The matrix runs as early work (conftest.early), beside the tests before this file: at a lower CPU
+# priority, and with time limits that allow for it.
+NICE = ("nice", "-n", "15")
+TIMEOUT = 1800
+
+
 def _cli(data, spec_file, outs) -> list[str]:
     args = [
+        *NICE,
         sys.executable,
         str(SCRIPTS / "train.py"),
         "--data",
@@ -183,7 +190,7 @@ def _cli(data, spec_file, outs) -> list[str]:
 
 def _train(data, spec_file, outs) -> str:
     """One uninterrupted training process (one thread); its log."""
-    proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 
@@ -196,13 +203,13 @@ def _kill_and_rerun(data, spec_file, outs, point: str, epoch: int | None) -> str
         # moved into place (a folder stands at its path), which leaves the state exactly as
         # such a kill would.
         Path(outs["model_out"]).mkdir()
-        proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=TIMEOUT)
         assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0, proc.stderr[-2000:]
         Path(outs["model_out"]).rmdir()
     else:
         with open(Path(outs["state_dir"]).parent / "killed.log", "w") as log:
             proc = subprocess.Popen(_cli(data, spec_file, outs), stdout=log, stderr=subprocess.STDOUT)
-        wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=600)
+        wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=TIMEOUT)
         assert proc.poll() is None, (
             f"the job ended (exit {proc.returncode}) before its kill after checkpoint {epoch}: kill earlier"
         )
@@ -257,10 +264,13 @@ MATRIX = [
 ]
 
 
-@pytest.fixture(scope="module")
-def matrix(tiny_data, ladder_specs, tmp_path_factory):
+@early("matrix", needs=("tiny_data",))
+def _matrix(tmp_path_factory, started) -> dict:
     """Each kind of entry trained once uninterrupted (the reference), and every case of the matrix
-    killed and rerun: one-thread processes, two tasks at a time. Key -> (spec file, outputs, Future)."""
+    killed and rerun: one-thread processes, two tasks at a time, begun as the session starts.
+    Key -> (spec file, outputs, Future)."""
+    ladder_specs = load_ladder()
+    tiny_data = started["tiny_data"].result()
     root = tmp_path_factory.mktemp("resume")
     runs, tasks = {}, {}
     for kind, spec in _kinds(ladder_specs).items():
@@ -273,6 +283,11 @@ def matrix(tiny_data, ladder_specs, tmp_path_factory):
         tasks[kind, point] = functools.partial(_kill_and_rerun, tiny_data, *runs[kind, point], point, epoch)
     futures = two_at_a_time(tasks)
     return {key: (*run, futures[key]) for key, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def matrix(started_early) -> dict:
+    return started_early["matrix"].result()
 
 
 @pytest.mark.slow
