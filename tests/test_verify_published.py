@@ -273,6 +273,8 @@ def test_recorded_checks_clear_the_mark_of_the_runs_they_verified(verify_checks,
     table1 = pd.read_csv(study / "tables" / "table1.csv").set_index("model")["trained_by_other_code"]
     assert not table1["model_01"] and table1["model_10"], "model_10's seeds 0 and 2 are unchecked"
     assert table1.drop(index=["model_01"]).all()
+    page_rows = {line.split(" | ")[0].strip("| ") for line in (study / "README.md").read_text().splitlines()}
+    assert "model_01" in page_rows and "model_10 †" in page_rows and "model_01 †" not in page_rows, "the page's Table 1"
     page = (study / "README.md").read_text()
     runs = len(list((study / "metrics").glob("*_seed*.json")))
     assert f"commit {commit[:12]} (1 of {runs} runs: epochs 1-1, 1 of {runs} runs: epochs 1-2)" in page, page

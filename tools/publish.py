@@ -344,8 +344,9 @@ def _table1_section(info: dict, table1: pd.DataFrame, metrics: list[dict]) -> li
         name = row["model"]
         published = info[name].get("published") or {}
         gap = None if published.get("val_accuracy") is None else row["test_accuracy_mean"] - published["val_accuracy"]
+        mark = f" {tables.STALE}" if row["trained_by_other_code"] else ""
         lines.append(
-            f"| {name} | {info[name].get('note', '')} | {_fmt(published.get('accuracy'))} | "
+            f"| {name}{mark} | {info[name].get('note', '')} | {_fmt(published.get('accuracy'))} | "
             f"{tables.cell(row['accuracy_mean'], row['accuracy_std'], 4)} | {_fmt(published.get('val_accuracy'))} | "
             f"{tables.cell(row['val_accuracy_mean'], row['val_accuracy_std'], 4)} | "
             f"{tables.cell(row['test_accuracy_mean'], row['test_accuracy_std'], 4)} | "
@@ -361,7 +362,8 @@ def _table1_section(info: dict, table1: pd.DataFrame, metrics: list[dict]) -> li
         "epoch's training images per second of wall clock (epoch 1 left out), one job's, with other jobs",
         "sharing the machine: a record of this run, not a speed comparison (that is `docs/speed.md`). Full",
         "columns, losses and footnotes: [tables/table1.md](tables/table1.md); what each rung changes:",
-        "[tables/table3.md](tables/table3.md).",
+        "[tables/table3.md](tables/table3.md). † after a rung: as in the tables, a run of it was trained by",
+        "training code other than this checkout's and no check has vouched for it (above).",
     ]
     return lines
 
