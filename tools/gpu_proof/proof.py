@@ -1268,10 +1268,13 @@ def step_c2(state, work, models, clock, opts) -> None:
 
 
 def published_runs() -> list[tuple[str, int]]:
+    """The published study's holdout runs (model, seed); the protocol runs beside them
+    (``model_10__protocol-refit``: cnnstudy.protocols) are left out, their entries derived, not in config.yaml."""
     runs = []
     for path in sorted((REPO / "reports" / "study" / "metrics").glob("*_seed*.json")):
         model, seed = re.fullmatch(r"(.+)_seed(\d+)", path.stem).groups()
-        runs.append((model, int(seed)))
+        if "__protocol-" not in model:
+            runs.append((model, int(seed)))
     return runs
 
 
