@@ -8,7 +8,10 @@
 #                           once, "machine differs", instead of being retrained
 # Options: DATA=<path or URL of cifar-10-python.tar.gz>, SNAKEMAKE_ARGS="...", PYTHON=python3.11,
 #          GPU=1 (NVIDIA machines: install TensorFlow's GPU build, requirements-gpu.txt),
-#          BACKEND=jax (train on Keras' JAX backend; with GPU=1: jax[cuda12], requirements-jax-gpu.txt)
+#          BACKEND=jax (train on Keras' JAX backend; with GPU=1: jax[cuda12], requirements-jax-gpu.txt),
+#          RESULTS=results (the results directory), CORES=2 (verify-published), PYTEST_ARGS="..."
+# Also: make setup (the .venv alone), make publish RESULTS="dir ..." (a study run's small outputs
+#       into reports/study/), make lint (snakemake --lint, snakefmt, ruff check and format)
 
 PYTHON ?= python3.11
 VENV ?= .venv

@@ -5,7 +5,7 @@
 #                .npz     └─► benchmark (on demand: reports/benchmark.md)
 #
 # Settings: config.yaml (validated against schemas/config.schema.yaml before any job).
-# Execution: profiles/ (local default, SLURM).
+# Execution: profiles/ (local default, SLURM, Grid Engine).
 import os
 
 

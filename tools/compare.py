@@ -1,7 +1,7 @@
 """Compare runs side by side in the terminal: only the settings that differ, sorted by any metric.
 
     python tools/compare.py --results results                      # every entry
-    python tools/compare.py --results results --sweep claims --sort test_accuracy
+    python tools/compare.py --results results --sweep model10_claims --sort test_accuracy
     python tools/compare.py --results results --models 'model_10*' 'model_17' --sort val_loss --ascending
 
 Reads a results directory (specs/models.json and the metrics files), never trains.

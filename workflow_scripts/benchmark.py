@@ -19,7 +19,8 @@ side: one worker process per backend, taking turns epoch by epoch.
 
     python workflow_scripts/benchmark.py --data results/data/cifar10.npz --out reports/benchmark.md \\
         --specs results/specs/model_10.json results/specs/model_17.json --sections paths concurrency backends
-    snakemake benchmark     # the same, as a workflow target (model_10, model_17, model_18; every section)
+    snakemake benchmark     # the same, as a workflow target (model_10, model_17, model_18; every section, but backends
+                            # where tensorflow_build is gpu: no JAX beside it)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Writes a manifest (file name, origin, hash, path) that training jobs read; with 
 already cached and intact, nothing is downloaded.
 
     python workflow_scripts/fetch_weights.py --backbone VGG16 --input-size 32 \\
-        --cache resources/weights --manifest resources/weights/VGG16.json
+        --cache resources/weights --manifest resources/weights/VGG16-32px.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ curves; the study's accuracy beside ours), Table 4's forest plot, per-class F1.
 One process draws them all (matplotlib start-up is paid once):
 
     python workflow_scripts/plots.py --models results/specs/models.json \\
-        --metrics results/metrics/*/seed_*/metrics.json --outdir results/plots
+        --metrics results/metrics/*/seed_*/metrics.json --histories results/models/*/seed_*/history.csv \\
+        --steps reports/table4.csv --outdir results/plots
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Figures for the report: learning curves, confusion matrices, the ladder (overlay of validation
-curves; the study's accuracy beside ours), Table 4's forest plot, per-class F1.
+"""The report's tables: every table of the registry (cnnstudy/tables.py: Tables 1-4, provenance,
+benchmarks, sweeps, compare, protocols where such runs exist) as Markdown, CSV, LaTeX and HTML.
 
-One process draws them all (matplotlib start-up is paid once):
-
-    python workflow_scripts/plots.py --models results/specs/models.json \\
-        --metrics results/metrics/*/seed_*/metrics.json --outdir results/plots
+    python workflow_scripts/report.py --models results/specs/models.json \\
+        --metrics results/metrics/*/seed_*/metrics.json --probs results/metrics/*/seed_*/test_probs.npz \\
+        --benchmarks results/benchmarks/preprocess.tsv results/benchmarks/*/*/seed_*.tsv \\
+        --benchmark-root results/benchmarks --outdir reports
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python workflow_scripts/verify_published.py --published reports/study --model model_09 --seed 0 \\
         --spec results/specs/model_09.json --data results/data/cifar10.npz --manifest results/data/cifar10.json \\
-        --epochs 2 --scratch results/verify/model_09/seed_0.work --out results/verify/model_09/seed_0.json
+        --epochs 2 --scratch results/verify/model_09/seed_0/epochs_2.work --out results/verify/model_09/seed_0/epochs_2.json
 
 The run is retrained from scratch, in ``--scratch`` (never a finished job's outputs), with the
 thread count and precision its provenance records, for its full epoch count (schedules and weight
@@ -13,7 +13,7 @@ it and also compares its validation and test metrics.
 Identical: ``--out`` records the check (commit, date, epochs, the code hashes it vouches for), which
 ``record`` then adds to the published metrics files' provenance:
 
-    python workflow_scripts/verify_published.py record --published reports/study results/verify/*/*.json
+    python workflow_scripts/verify_published.py record --published reports/study results/verify/*/seed_*/epochs_*.json
 
 Otherwise the job fails naming the run, epoch and column, and says "machine differs" instead of
 "code changed" where this machine or its packages cannot give what the run recorded (another
