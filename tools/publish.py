@@ -314,7 +314,7 @@ def _header(metrics: list[dict], finished: int, expected: int) -> list[str]:
     return [
         "# The study, rerun on the full CIFAR-10",
         "",
-        "The custom-CNN ladder of the study (`shared/reference/cifar10-cnn-study.md`, Table 1) and this",
+        "The custom-CNN ladder of the study (`../shared/reference/cifar10-cnn-study.md`, Table 1) and this",
         "workflow's rungs beyond it (`model_17` on), trained on the full data (45 000 training images, 5 000",
         "held out for validation, the 10 000 test images untouched), as configured in `config.yaml`. Generated",
         "by `python tools/publish.py` from the runs' results directories; do not edit by hand.",
