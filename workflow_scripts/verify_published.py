@@ -123,8 +123,29 @@ def main(
     on_other_machine: typing.Literal["retrain", "skip"] = "retrain",
 ) -> dict:
     metrics, history = published_run(Path(published), model, seed)
-    recorded = metrics["provenance"]
     job = f"{model} seed {seed}"
+    machine = preconditions(job, metrics["provenance"], manifest, on_other_machine)
+    threads = threads or metrics["provenance"]["threads"]["intra_op"]
+    stop = epochs or None
+    work = Path(scratch)
+    info = retrain(job, metrics, Path(published), model, seed, spec, data, work, threads, stop)
+    differences = history_differences(history, pd.read_csv(work / "history.csv"), stop)
+    hashes = {"training": provenance.code_hash("train.py")}
+    if not stop:
+        differences += metric_differences(metrics, reevaluate(job, metrics, data, manifest, work, threads))
+        hashes["evaluation"] = provenance.code_hash("evaluate.py")
+    if differences:
+        raise JobError(verdict(job, differences, machine))
+    result = check_record(model, seed, metrics, stop, hashes, info, threads, machine)
+    write_json(out, result)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("%s: identical to the published run (%s)", job, result["epochs"])
+    return result
+
+
+def preconditions(job: str, recorded: dict, manifest: str, on_other_machine: str) -> list[str]:
+    """Refuse other data; warn of (or, with ``skip``, refuse) a machine that cannot give what the
+    run recorded. Returns the machine's differences."""
     data_md5 = read_json(manifest)["md5"]
     if data_md5 != recorded["data"]["npz_md5"]:
         raise JobError(
@@ -139,8 +160,24 @@ def main(
             f"{job}: machine differs ({'; '.join(machine)}): not retrained (verify.on_other_machine: skip); "
             "check it on the machine kind it trained on, or retrain here with on_other_machine: retrain"
         )
-    threads = threads or recorded["threads"]["intra_op"]
-    stop = epochs or None
+    return machine
+
+
+def retrain(
+    job: str,
+    metrics: dict,
+    published: Path,
+    model: str,
+    seed: int,
+    spec: str,
+    data: str,
+    work: Path,
+    threads: int,
+    stop: int | None,
+) -> dict:
+    """Train the run afresh in ``work`` with the recorded precision, stopped after ``stop`` epochs
+    (None: all); its train_info."""
+    recorded = metrics["provenance"]
     log.info(
         "%s: retraining %s with %d thread(s), %s, comparing with %s",
         job,
@@ -149,10 +186,9 @@ def main(
         recorded["precision"],
         published,
     )
-    work = Path(scratch)
     shutil.rmtree(work, ignore_errors=True)
     refit = (metrics.get("protocol") or {}).get("name") == "refit"  # its epoch count: the published holdout run's
-    epochs_from = Path(published) / "metrics" / f"{protocols.holdout_name(model)}_seed{seed}.json" if refit else None
+    epochs_from = published / "metrics" / f"{protocols.holdout_name(model)}_seed{seed}.json"
     run_job(
         "train.py",
         job,
@@ -179,46 +215,56 @@ def main(
         *(["--stop-after-epoch", stop] if stop else []),
         *(["--epochs-from", epochs_from] if refit else []),
     )
-    info = read_json(work / "train_info.json")
-    differences = history_differences(history, pd.read_csv(work / "history.csv"), stop)
-    hashes = {"training": provenance.code_hash("train.py")}
-    if not stop:
-        run_job(
-            "evaluate.py",
-            job,
-            "--data",
-            data,
-            "--manifest",
-            manifest,
-            "--model",
-            work / "model.keras",
-            "--history",
-            work / "history.csv",
-            "--train-info",
-            work / "train_info.json",
-            "--metrics-out",
-            work / "metrics.json",
-            "--probs-out",
-            work / "test_probs.npz",
-            "--tta",
-            metrics.get("tta", "none"),
-            "--threads",
-            threads,
+    return read_json(work / "train_info.json")
+
+
+def reevaluate(job: str, metrics: dict, data: str, manifest: str, work: Path, threads: int) -> dict:
+    """Evaluate the retrained run in ``work`` as the evaluate rule does; its metrics."""
+    run_job(
+        "evaluate.py",
+        job,
+        "--data",
+        data,
+        "--manifest",
+        manifest,
+        "--model",
+        work / "model.keras",
+        "--history",
+        work / "history.csv",
+        "--train-info",
+        work / "train_info.json",
+        "--metrics-out",
+        work / "metrics.json",
+        "--probs-out",
+        work / "test_probs.npz",
+        "--tta",
+        metrics.get("tta", "none"),
+        "--threads",
+        threads,
+    )
+    return read_json(work / "metrics.json")
+
+
+def verdict(job: str, differences: list[str], machine: list[str]) -> str:
+    """The failure message: the differing run, epochs and columns, and whether code or machine."""
+    detail = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+    if machine:
+        return (
+            f"{job}: machine differs: {detail}. machine differs ({'; '.join(machine)}): "
+            "the numbers cannot tell whether the code changed"
         )
-        got = read_json(work / "metrics.json")
-        differences += metric_differences(metrics, got)
-        hashes["evaluation"] = provenance.code_hash("evaluate.py")
-    if differences:
-        verdict = "machine differs" if machine else "code changed"
-        detail = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
-        cause = (
-            f"machine differs ({'; '.join(machine)}): the numbers cannot tell whether the code changed"
-            if machine
-            else "code changed: the current code no longer reproduces the published run; retrain and republish it"
-        )
-        raise JobError(f"{job}: {verdict}: {detail}. {cause}")
+    return (
+        f"{job}: code changed: {detail}. code changed: the current code no longer reproduces the published run; "
+        "retrain and republish it"
+    )
+
+
+def check_record(
+    model: str, seed: int, metrics: dict, stop: int | None, hashes: dict, info: dict, threads: int, machine: list[str]
+) -> dict:
+    """The identical check, as ``record`` adds it to the run's provenance."""
     git = provenance.git_state()
-    result = {
+    return {
         "model": model,
         "seed": seed,
         "verdict": "identical",
@@ -236,10 +282,6 @@ def main(
             "differences": machine,
         },
     }
-    write_json(out, result)
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("%s: identical to the published run (%s)", job, result["epochs"])
-    return result
 
 
 def run_job(script: str, job: str, *args) -> None:
