@@ -286,7 +286,7 @@ def test_the_makefiles_tool_commands_are_accepted_by_the_tools(tmp_path):
         proc = subprocess.run(["make", "-n", *target, f"RESULTS={tmp_path}"], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         for line in proc.stdout.replace("\\\n", " ").splitlines():
-            for command in line.split("&&"):
+            for command in re.split(r"&&|\|\||;", line):
                 argv = shlex.split(command, comments=True)
                 if len(argv) > 1 and argv[0] == "python" and argv[1] in parsers:
                     args = argv[3:] if argv[2:3] == ["record"] else argv[2:]
