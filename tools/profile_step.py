@@ -157,34 +157,17 @@ def main(
     precision: str = "auto",
     peak_seconds: float = 3.0,
 ) -> dict:
-    args = [
-        "--data",
-        data,
-        "--spec",
-        spec,
-        "--images",
-        str(images),
-        "--threads",
-        str(threads),
-        "--precision",
-        precision,
-        "--peak-seconds",
-        str(peak_seconds),
-    ]
+    args = ["--data", data, "--spec", spec, "--images", str(images), "--threads", str(threads)]
+    args += ["--precision", precision, "--peak-seconds", str(peak_seconds)]
     quiet, loud = _run_child(args, verbose=False), _run_child(args, verbose=True)
-    wall, n, policy = float(_values(quiet, "wall")[0]), int(_values(quiet, "wall")[2]), _values(quiet, "wall")[4]
-    loud_wall = float(_values(loud, "wall")[0])
+    wall, _, n, _, policy = _values(quiet, "wall")[:5]
+    wall, n, loud_wall = float(wall), int(n), float(_values(loud, "wall")[0])
     peaks = {d: float(_values(quiet, f"peak {d}")[0]) for d in ("bfloat16", "float32")}
     prims = parse(loud.split(MARK, 1)[1].split("=== wall", 1)[0].splitlines())  # the profiled epoch's lines
     if prims.empty:
         raise RuntimeError("oneDNN printed no primitive: is this TensorFlow built with oneDNN (TF_ENABLE_ONEDNN_OPTS)?")
     by_kind, layers = primitive_tables(prims, peaks, loud_wall)
-    ops = pd.DataFrame(
-        [line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
-        columns=["ms", "layer"],
-    ).astype({"ms": float})
-    ops = ops.sort_values("ms", ascending=False)[["layer", "ms"]]
-    ops["share"] = ops["ms"] / ops["ms"].sum()
+    ops = op_table(quiet)
     conv = prims[prims["kind"] == "convolution"]
     head = [
         f"# Where {Path(spec).stem}'s training epoch goes (oneDNN verbose)",
@@ -197,15 +180,19 @@ def main(
     ]
     with atomic_path(Path(out)) as tmp:
         tmp.write_text(page(head, by_kind, ops, layers))
-    return {
-        "images": n,
-        "wall": wall,
-        "verbose_wall": loud_wall,
-        "peaks": peaks,
-        "by_kind": by_kind,
-        "convolutions": layers,
-        "by_layer": ops,
-    }
+    result = {"images": n, "wall": wall, "verbose_wall": loud_wall, "peaks": peaks}
+    return {**result, "by_kind": by_kind, "convolutions": layers, "by_layer": ops}
+
+
+def op_table(quiet: str) -> pd.DataFrame:
+    """The TensorFlow profiler's time per layer (the child's ``=== op`` lines), longest first, with shares."""
+    ops = pd.DataFrame(
+        [line[len("=== op ") :].split(" ", 1) for line in quiet.splitlines() if line.startswith("=== op ")],
+        columns=["ms", "layer"],
+    ).astype({"ms": float})
+    ops = ops.sort_values("ms", ascending=False)[["layer", "ms"]]
+    ops["share"] = ops["ms"] / ops["ms"].sum()
+    return ops
 
 
 def primitive_tables(prims: pd.DataFrame, peaks: dict, loud_wall: float) -> tuple[pd.DataFrame, pd.DataFrame]:
