@@ -195,16 +195,6 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
     """Per rung of the protocols table: how much of the gap to the study each protocol closes."""
     if frame is None or not len(frame):
         return []
-    several = table1[table1["n"] > 1]  # the widest seed spread of any rung: the scale a one-seed gap is read against
-    scale = several.sort_values("test_accuracy_std", ascending=False).head(1)
-    spread = (
-        (
-            f"{scale['model'].iloc[0]}'s seed spread ({scale['test_accuracy_std'].iloc[0]:.3f}, the standard deviation of its "
-            "holdout test accuracy)"
-        )
-        if len(scale)
-        else "the seed spread of an entry run with several seeds"
-    )
     lines = [
         "",
         "## Method or irreproducibility? Three protocols",
@@ -217,41 +207,51 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
         "every number; the holdout tables above are unchanged.",
         "",
     ]
-    for rung, rows in frame.groupby("model", sort=False):
-        by = {r["protocol"]: r for _, r in rows.iterrows()}
-        hold = by.get("holdout")
-        text = "; ".join(
-            f"{p} {tables.cell(r['test_accuracy_mean'], r['test_accuracy_std'], 4)} (n {int(r['n'])}, {r['epochs_run_mean']:.0f} epochs)"
+    spread = _seed_spread(table1)
+    return lines + [_rung_answer(rung, rows, spread) for rung, rows in frame.groupby("model", sort=False)]
+
+
+def _seed_spread(table1: pd.DataFrame) -> str:
+    """The widest seed spread of any rung: the scale a one-seed gap is read against."""
+    scale = table1[table1["n"] > 1].sort_values("test_accuracy_std", ascending=False).head(1)
+    if not len(scale):
+        return "the seed spread of an entry run with several seeds"
+    return (
+        f"{scale['model'].iloc[0]}'s seed spread ({scale['test_accuracy_std'].iloc[0]:.3f}, the standard deviation of its "
+        "holdout test accuracy)"
+    )
+
+
+def _rung_answer(rung: str, rows: pd.DataFrame, spread: str) -> str:
+    """One rung's line: each protocol's test accuracy, and what each closes of the gap to the study."""
+    by = {r["protocol"]: r for _, r in rows.iterrows()}
+    hold = by.get("holdout")
+    text = "; ".join(
+        f"{p} {tables.cell(r['test_accuracy_mean'], r['test_accuracy_std'], 4)} (n {int(r['n'])}, {r['epochs_run_mean']:.0f} epochs)"
+        for p, r in by.items()
+    )
+    study = rows["study_test_accuracy"].iloc[0]
+    if hold is None:
+        return f"- **{rung}**: {text}; its holdout runs are not published here."
+    if pd.isna(study):  # a rung beyond the study: refit against holdout
+        deltas = ", ".join(
+            f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}"
             for p, r in by.items()
+            if p != "holdout"
         )
-        study = rows["study_test_accuracy"].iloc[0]
-        if hold is None:
-            lines.append(f"- **{rung}**: {text}; its holdout runs are not published here.")
-            continue
-        if pd.isna(study):  # a rung beyond the study: refit against holdout
-            deltas = ", ".join(
-                f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}"
-                for p, r in by.items()
-                if p != "holdout"
-            )
-            lines.append(f"- **{rung}** (beyond the study): {text}. {deltas}.")
-            continue
-        gap = hold["gap_to_study"]
-        parts = [f"- **{rung}** (study {study:.4f}): {text}. Holdout is {gap:+.4f} from the study"]
-        for p in ("study", "refit"):
-            if p in by:
-                parts.append(
-                    f"the study's protocol {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
-                    if p == "study"
-                    else f"refit {_closed(gap, by[p]['gap_to_study'])} (to {by[p]['gap_to_study']:+.4f})"
-                )
-        remaining = min((by[p]["gap_to_study"] for p in by), key=abs)  # the smallest gap any protocol leaves
-        parts.append(f"what remains: {remaining:+.4f}")
-        single = all(int(r["n"]) == 1 for r in by.values())
-        lines.append(
-            "; ".join(parts) + "." + (f" One seed per protocol: read these against {spread}." if single else "")
+        return f"- **{rung}** (beyond the study): {text}. {deltas}."
+    gap = hold["gap_to_study"]
+    parts = [f"- **{rung}** (study {study:.4f}): {text}. Holdout is {gap:+.4f} from the study"]
+    if "study" in by:
+        parts.append(
+            f"the study's protocol {_closed(gap, by['study']['gap_to_study'])} (to {by['study']['gap_to_study']:+.4f})"
         )
-    return lines
+    if "refit" in by:
+        parts.append(f"refit {_closed(gap, by['refit']['gap_to_study'])} (to {by['refit']['gap_to_study']:+.4f})")
+    remaining = min((by[p]["gap_to_study"] for p in by), key=abs)  # the smallest gap any protocol leaves
+    parts.append(f"what remains: {remaining:+.4f}")
+    single = all(int(r["n"]) == 1 for r in by.values())
+    return "; ".join(parts) + "." + (f" One seed per protocol: read these against {spread}." if single else "")
 
 
 def page(
