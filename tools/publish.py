@@ -97,6 +97,11 @@ def claims_summary(table4) -> list[str]:
     claimed = table4[table4["study_claim"] != ""]
     held = claimed["agrees"].astype(bool)
     seeded = claimed[(claimed["n_new"] > 1) | (claimed["n_ref"] > 1)]
+    return [*_noise_lines(claimed, held, seeded), *_study_number_lines(claimed, held)]
+
+
+def _noise_lines(claimed: pd.DataFrame, held: pd.Series, seeded: pd.DataFrame) -> list[str]:
+    """How many claims held, and which verdicts another pair of training runs would flip."""
 
     def flips(rows) -> str:
         return ", ".join(f"{r['model']} vs {r['compared_to']}" for _, r in rows.iterrows() if not r["sign_holds"])
@@ -120,8 +125,13 @@ def claims_summary(table4) -> list[str]:
             " against the study's claim: that verdict is the compared pair's and within training noise, so it"
             " does not refute the claim."
         )
-    # The study's own published numbers against our verdict: which way each moved (+1, -1; 0 when
-    # a verdict or claim is "no significant change", which one pair of numbers cannot judge).
+    return lines
+
+
+def _study_number_lines(claimed: pd.DataFrame, held: pd.Series) -> list[str]:
+    """The study's own published numbers against our verdict: which way each moved (+1, -1; 0 when
+    a verdict or claim is "no significant change", which one pair of numbers cannot judge)."""
+    lines = []
     direction = {"improved": 1, "worse": -1}
     known = claimed[claimed["study_diff"].notna()]
     study = np.sign(known["study_diff"])
