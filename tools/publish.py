@@ -570,6 +570,19 @@ def add(results_dirs: list[Path], out: str) -> dict:
     return refresh(out)
 
 
+def copy_runs(runs: list[tuple], out_dir: Path) -> None:
+    """Each run's history and metrics into ``out_dir`` (histories/, metrics/), the folders made afresh."""
+    for sub in ("tables", "histories", "metrics", "figures"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+        (out_dir / sub).mkdir(parents=True)
+    for model, seed, folder, results_dir in runs:
+        shutil.copyfile(
+            results_dir / "models" / model / f"seed_{seed}" / "history.csv",
+            out_dir / "histories" / f"{model}_seed{seed}.csv",
+        )
+        write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", read_json(folder / "metrics.json"))
+
+
 def main(
     results: list[str] | str | None,
     out: str,
@@ -588,15 +601,7 @@ def main(
     if not runs:
         raise JobError(f"no finished runs under {', '.join(f'{r}/metrics' for r in results_dirs)}: nothing to publish")
     info = configuration.complete(entries)
-    for sub in ("tables", "histories", "metrics", "figures"):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        (out_dir / sub).mkdir(parents=True)
-    for model, seed, folder, results_dir in runs:
-        shutil.copyfile(
-            results_dir / "models" / model / f"seed_{seed}" / "history.csv",
-            out_dir / "histories" / f"{model}_seed{seed}.csv",
-        )
-        write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", read_json(folder / "metrics.json"))
+    copy_runs(runs, out_dir)
     metrics = [str(folder / "metrics.json") for _, _, folder, _ in runs]
     histories = [str(r / "models" / m / f"seed_{s}" / "history.csv") for m, s, _, r in runs]
     models_file = out_dir / MODELS_FILE
