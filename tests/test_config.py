@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -15,7 +12,7 @@ import yaml
 from cnnstudy import configuration
 from cnnstudy.errors import ConfigError
 
-from conftest import REPO, early
+from conftest import REPO
 
 
 @pytest.fixture()
@@ -177,49 +174,6 @@ def test_conda_envs_pin_the_same_versions_as_requirements():
         for name, version in _pins(pip).items():
             assert requirements.get(name) == version, f"{env_file.name}: {name}=={version} vs requirements.txt"
         assert "python=3.11" in env["dependencies"]
-
-
-GPU_REQUIREMENTS = ("requirements-gpu.txt", "requirements-jax-gpu.txt")
-
-
-@early("gpu_resolutions")
-def _gpu_resolutions(tmp_path_factory, started) -> dict:
-    """pip's resolution of each GPU requirements file over this environment (`pip install --dry-run
-    --report`: package metadata from the index, nothing installed). Mostly waiting on the index:
-    begun with the session, at the lowest CPU priority. File -> (process, its report's packages)."""
-    root = tmp_path_factory.mktemp("gpu_resolutions")
-    resolved = {}
-    for name in GPU_REQUIREMENTS:
-        report = root / f"{name}.json"
-        proc = subprocess.run(
-            ["nice", "-n", "19", sys.executable, "-m", "pip", "install", "--dry-run", "--quiet"]
-            + ["--report", str(report), "-r", str(REPO / name)],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        installs = json.loads(report.read_text())["install"] if report.is_file() else []
-        resolved[name] = proc, {i["metadata"]["name"]: i["metadata"]["version"] for i in installs}
-    return resolved
-
-
-@pytest.fixture(scope="module")
-def gpu_resolutions(started_early) -> dict:
-    return started_early["gpu_resolutions"].result()
-
-
-def test_the_gpu_installs_resolve_on_the_pinned_versions(gpu_resolutions):
-    """`make run GPU=1` (TensorFlow's CUDA libraries) and `make run BACKEND=jax GPU=1` (jax[cuda12])
-    resolve from the package index beside this environment's pins: CUDA wheels of the pinned JAX,
-    nothing of requirements.txt upgraded or replaced."""
-    pins = _pins((REPO / "requirements.txt").read_text().splitlines())
-    for name, (proc, packages) in gpu_resolutions.items():
-        assert proc.returncode == 0, f"{name}: pip cannot resolve it:\n{proc.stderr[-3000:]}"
-        canonical = {re.sub(r"[-_.]+", "-", n).lower() for n in packages}
-        assert not canonical & {re.sub(r"[-_.]+", "-", n).lower() for n in pins}, f"{name} changes pins: {packages}"
-        assert any(p.startswith("nvidia-cudnn-cu12") for p in packages), f"{name}: no cuDNN wheel in {packages}"
-    jax_gpu = gpu_resolutions["requirements-jax-gpu.txt"][1]
-    assert jax_gpu.get("jax-cuda12-plugin") == pins["jax"] and jax_gpu.get("jax-cuda12-pjrt") == pins["jax"], jax_gpu
 
 
 def test_under_ci_a_missing_mirror_fails_the_session(tmp_path):

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import typing
 
-from conftest import BIN, REPO, snakemake
+import pytest
+from test_config import _pins
+
+from conftest import BIN, REPO, early, snakemake
 
 
 def _jobs(dry_run_output: str) -> dict[str, int]:
@@ -243,8 +247,6 @@ def test_every_planned_command_is_its_scripts_main(tmp_path):
 
 
 def test_a_scripts_command_line_follows_its_mains_signature():
-    import pytest
-
     from cnnstudy import cli
 
     def main(
@@ -293,3 +295,46 @@ def test_the_makefiles_tool_commands_are_accepted_by_the_tools(tmp_path):
                     parsers[argv[1]].parse_args(args)  # exits (a test error) on an unknown option
                     called.append(argv[1])
     assert sorted(set(called)) == sorted(parsers) and called.count("tools/publish.py") == 2, called
+
+
+GPU_REQUIREMENTS = ("requirements-gpu.txt", "requirements-jax-gpu.txt")
+
+
+@early("gpu_resolutions")
+def _gpu_resolutions(tmp_path_factory, started) -> dict:
+    """pip's resolution of each GPU requirements file over this environment (`pip install --dry-run
+    --report`: package metadata from the index, nothing installed). Mostly waiting on the index:
+    begun with the session, at the lowest CPU priority, for this last file. File -> (process, its report's packages)."""
+    root = tmp_path_factory.mktemp("gpu_resolutions")
+    resolved = {}
+    for name in GPU_REQUIREMENTS:
+        report = root / f"{name}.json"
+        proc = subprocess.run(
+            ["nice", "-n", "19", sys.executable, "-m", "pip", "install", "--dry-run", "--quiet"]
+            + ["--report", str(report), "-r", str(REPO / name)],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        installs = json.loads(report.read_text())["install"] if report.is_file() else []
+        resolved[name] = proc, {i["metadata"]["name"]: i["metadata"]["version"] for i in installs}
+    return resolved
+
+
+@pytest.fixture(scope="module")
+def gpu_resolutions(started_early) -> dict:
+    return started_early["gpu_resolutions"].result()
+
+
+def test_the_gpu_installs_resolve_on_the_pinned_versions(gpu_resolutions):
+    """`make run GPU=1` (TensorFlow's CUDA libraries) and `make run BACKEND=jax GPU=1` (jax[cuda12])
+    resolve from the package index beside this environment's pins: CUDA wheels of the pinned JAX,
+    nothing of requirements.txt upgraded or replaced."""
+    pins = _pins((REPO / "requirements.txt").read_text().splitlines())
+    for name, (proc, packages) in gpu_resolutions.items():
+        assert proc.returncode == 0, f"{name}: pip cannot resolve it:\n{proc.stderr[-3000:]}"
+        canonical = {re.sub(r"[-_.]+", "-", n).lower() for n in packages}
+        assert not canonical & {re.sub(r"[-_.]+", "-", n).lower() for n in pins}, f"{name} changes pins: {packages}"
+        assert any(p.startswith("nvidia-cudnn-cu12") for p in packages), f"{name}: no cuDNN wheel in {packages}"
+    jax_gpu = gpu_resolutions["requirements-jax-gpu.txt"][1]
+    assert jax_gpu.get("jax-cuda12-plugin") == pins["jax"] and jax_gpu.get("jax-cuda12-pjrt") == pins["jax"], jax_gpu
