@@ -208,6 +208,27 @@ def test_the_protocols_run_is_complete_and_plots_without_holdout_entries(protoco
     assert (tmp_path / "curves" / f"{REFIT}_seed0.png").is_file()
 
 
+def _identical_check(name: str, published: Path) -> dict:
+    """An identical two-epoch check of ``name`` seed 0, shaped as verify_published.py writes it."""
+    from cnnstudy import provenance
+
+    metrics = json.loads((published / "metrics" / f"{name}_seed0.json").read_text())
+    return {
+        "model": name,
+        "seed": 0,
+        "verdict": "identical",
+        "commit": "c" * 40,
+        "dirty": False,
+        "date": "2026-12-05",
+        "epochs": "1-2",
+        "code_hashes": {"training": provenance.code_hash("train.py")},
+        "spec_hash": metrics["provenance"].get("spec_hash", ""),
+        "threads": 1,
+        "precision": "float32",
+        "machine": {"device": metrics["provenance"]["device"], "packages": {}, "differences": []},
+    }
+
+
 @pytest.mark.slow
 def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung(protocols_run, tmp_path):
     """publish --add: the holdout runs published first, the refit and study runs added from their own
@@ -215,6 +236,7 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     import shutil
 
     import publish
+    import verify_published
 
     from cnnstudy.errors import JobError
 
@@ -245,7 +267,21 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     assert "## Method or irreproducibility? Three protocols" in readme and f"- **{HOLDOUT}** (study " in readme
     assert any(f"the study's protocol {verb}" in readme for verb in ("closes", "widens", "moves"))
     assert "4 of 4 runs finished" in readme
-    # Adding them again replaces them; the study's own runs are never replaced by --add.
+    # Adding them again keeps a run published unchanged with the checks recorded in it (as
+    # verify_published.py record adds them), and replaces a run retrained since (another history).
+    checks = []
+    for name in (REFIT, STUDY):
+        checks.append(tmp_path / f"{name}.check.json")
+        checks[-1].write_text(json.dumps(_identical_check(name, out)))
+    verify_published.record(str(out), [str(c) for c in checks])
+    retrained = later / "models" / STUDY / "seed_0" / "history.csv"
+    history = pd.read_csv(retrained)
+    history.loc[0, "epoch_time"] += 1.0  # a rerun: its wall-clock times differ
+    history.to_csv(retrained, index=False)
     publish.main([str(later)], str(out), add_only=True)
+    verified = {n: json.loads((out / "metrics" / f"{n}_seed0.json").read_text())["provenance"] for n in (REFIT, STUDY)}
+    assert "verified" in verified[REFIT] and "verified" not in verified[STUDY]
+    assert (out / "histories" / f"{STUDY}_seed0.csv").read_text() == retrained.read_text()
+    # The study's own runs are never replaced by --add.
     with pytest.raises(JobError, match=f"{HOLDOUT} already published"):
         publish.main([str(study)], str(out), add_only=True)

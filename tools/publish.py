@@ -533,6 +533,19 @@ def refresh(out: str, expected: int | None = None) -> dict:
     return written
 
 
+def _unchanged(out_dir: Path, model: str, seed: int, folder: Path, results_dir: Path) -> bool:
+    """Whether the run in ``results_dir`` is the one published in ``out_dir``: the same history, to the
+    byte (wall-clock timing included: a retrained run differs there), and the same evaluated numbers."""
+    published = out_dir / "histories" / f"{model}_seed{seed}.csv"
+    metrics = out_dir / "metrics" / f"{model}_seed{seed}.json"
+    if not (published.is_file() and metrics.is_file()):
+        return False
+    history = results_dir / "models" / model / f"seed_{seed}" / "history.csv"
+    old, new = read_json(metrics), read_json(folder / "metrics.json")
+    same = all(old.get(key) == new.get(key) for key in ("test", "val", "epochs_run", "kept_epoch"))
+    return same and published.read_bytes() == history.read_bytes()
+
+
 def add(results_dirs: list[Path], out: str) -> dict:
     """Add the runs of entries new to a published folder (refit and study runs, a new rung), then refresh it."""
     out_dir = Path(out)
@@ -551,15 +564,21 @@ def add(results_dirs: list[Path], out: str) -> dict:
             f"{', '.join(clash)} already published in {out_dir}: --add does not replace the study's runs "
             "(publish it again with --results for that)"
         )
-    for name in added:  # an entry added again (more seeds finished) is replaced as a whole
+    # An entry added again (more seeds finished) is replaced as a whole, but a run published before
+    # and unchanged keeps its published metrics: the checks verify_published recorded in them.
+    kept = {(m, s) for m, s, folder, results_dir in runs if _unchanged(out_dir, m, s, folder, results_dir)}
+    for name in added:
         for old in [
             *(out_dir / "metrics").glob(f"{name}_seed*.json"),
             *(out_dir / "histories").glob(f"{name}_seed*.csv"),
         ]:
-            old.unlink()
+            if (name, int(old.stem.rsplit("_seed", 1)[1])) not in kept:
+                old.unlink()
     for sub in ("curves", "confusion"):
         (out_dir / "figures" / sub).mkdir(parents=True, exist_ok=True)
     for model, seed, folder, results_dir in runs:
+        if (model, seed) in kept:
+            continue
         history = results_dir / "models" / model / f"seed_{seed}" / "history.csv"
         shutil.copyfile(history, out_dir / "histories" / f"{model}_seed{seed}.csv")
         metrics = read_json(folder / "metrics.json")
