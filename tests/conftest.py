@@ -171,6 +171,16 @@ def ladder_specs() -> dict:
     return load_ladder()
 
 
+def entry_with(ladder: dict, name: str, **changes) -> dict:
+    """A copy of entry ``name`` with ``changes``: dictionaries merged into the entry's, others replaced."""
+    import copy
+
+    spec = copy.deepcopy(ladder[name])
+    for key, value in changes.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+    return spec
+
+
 @pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory, tiny_prepared):
     """The tiny preset: model_01 and a two-point sweep over its learning rate, every rule, two jobs

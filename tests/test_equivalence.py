@@ -10,7 +10,6 @@ test_verify_published.py) must then be regenerated too.
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from conftest import REPO, early, load_ladder, missing, side_by_side
+from conftest import REPO, early, entry_with, load_ladder, missing, side_by_side
 
 REFERENCE = "5720dab6827194fc4c0e9908a95f1c695a8d2ef4"
 TIMING = ["epoch_time", "images_per_s"]
@@ -133,9 +132,7 @@ def _equivalence_runs(tmp_path_factory, started) -> dict:
     reference = _reference_code(root)
     runs = {}
     for name, changes in CASES.items():
-        spec = copy.deepcopy(ladder_specs[name])
-        for key, value in changes.items():
-            spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+        spec = entry_with(ladder_specs, name, **changes)
         sides = {"before": reference, "after": REPO / "workflow_scripts"}
         runs[name] = _train_and_evaluate(sides, tiny_data, spec, root / name, spec.get("tta", "none"))
     return runs

@@ -8,7 +8,6 @@ epoch, saved weights and test metrics must be bit-identical. The state directory
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
@@ -27,7 +26,7 @@ import train
 
 from cnnstudy import checkpoint, predict, training
 
-from conftest import SCRIPTS, early, load_ladder, saved_epoch, two_at_a_time, wait_for_epoch
+from conftest import SCRIPTS, early, entry_with, load_ladder, saved_epoch, two_at_a_time, wait_for_epoch
 
 # ---- the state directory ------------------------------------------------------------------
 
@@ -129,27 +128,20 @@ def test_evaluated_weights_swap_in_the_average_and_restore_exactly():
 # ---- the resume matrix --------------------------------------------------------------------
 
 
-def _entry(ladder_specs, name, **changes):
-    spec = copy.deepcopy(ladder_specs[name])
-    for key, value in changes.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
-    return spec
-
-
 def _kinds(ladder_specs):
     return {
-        "plain": _entry(ladder_specs, "model_03", epochs=4, batch_size=64),
-        "early stopping": _entry(
+        "plain": entry_with(ladder_specs, "model_03", epochs=4, batch_size=64),
+        "early stopping": entry_with(
             ladder_specs, "model_06", epochs=8, batch_size=64, early_stopping={"patience": 1, "min_delta": 0.02}
         ),
-        "two-phase": _entry(
+        "two-phase": entry_with(
             ladder_specs,
             "model_13",
             epochs=2,
             batch_size=64,
             backbone={"weights": "none", "fine_tune": {"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5}},
         ),
-        "EMA + schedule": _entry(
+        "EMA + schedule": entry_with(
             ladder_specs, "model_17", epochs=3, batch_size=100, time_to_accuracy=True, optimizer={"ema_momentum": 0.5}
         ),
     }
@@ -308,7 +300,7 @@ def test_a_killed_job_resumes_bit_identically(kind, point, epoch, matrix, tiny_d
 
 @pytest.mark.slow
 def test_same_seed_same_run_other_seed_other_run(tiny_data, ladder_specs, tmp_path):
-    spec = _entry(ladder_specs, "model_09", epochs=2, batch_size=64)  # shuffle, augmentation, dropout
+    spec = entry_with(ladder_specs, "model_09", epochs=2, batch_size=64)  # shuffle, augmentation, dropout
     runs = {}
     for label, seed in (("a", 0), ("b", 0), ("c", 1)):
         outs = _outs(tmp_path / label)
