@@ -252,15 +252,16 @@ def resolve_precision(requested: str, device: dict, cpu_flags: set[str] | None =
 def resolve_jit(requested: str, device: dict, policy: str) -> bool | str:
     """XLA for ``model.compile(jit_compile=...)``: 'on' True, 'off' False, 'auto' as measured.
 
-    auto: off on CPU, where XLA trained several times slower when measured (model_10 and
-    model_17 under mixed_bfloat16) and where Keras' random-augmentation layers
-    cannot be compiled anyway; on GPUs, Keras' own 'auto' (XLA if every layer supports it).
+    auto, per backend and device:
+    - JAX, every device: on. Every layer compiles there (layers.COMPILED_ON_JAX), and an uncompiled
+      JAX step runs op by op.
+    - TensorFlow on CPUs: off. XLA trained several times slower when measured (model_10 and model_17
+      under mixed_bfloat16), and TensorFlow's random-augmentation ops cannot be compiled anyway.
+    - TensorFlow on GPUs: Keras' own 'auto' (XLA if every layer supports it).
     """
     if requested in ("on", "off"):
         return requested == "on"
-    if (
-        device.get("backend") == "jax"
-    ):  # every layer compiles there (layers.COMPILED_ON_JAX); uncompiled JAX runs op by op
+    if device.get("backend") == "jax":
         return True
     return "auto" if device.get("kind") == "GPU" else False
 

@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -278,67 +279,102 @@ def fit_phases(
     still set for every epoch of the entry (verify_published). Returns the history rows, the kept
     epoch and whether early stopping ended training.
     """
-    x, batch, drop_last = train[0], spec["batch_size"], spec.get("drop_last", False)
-    steps = datasets.steps_per_epoch(len(x), batch, drop_last)
-    if steps == 0:
-        raise JobError(f"{spec['name']}: drop_last with batch_size {batch} > {len(x)} training images leaves no batch")
-    tf_data = keras.backend.backend() == "tensorflow"  # else NumPy batches (datasets.epoch_batches): no TensorFlow
-    val_ds = None if val is None else datasets.eval_dataset(*val, spec["batch_size"]) if tf_data else val  # refit: none
-    all_phases = phases(spec)
-    total = sum(p["epochs"] for p in all_phases)
     resume = state.latest
-    rows: list[dict] = list(resume.state["history"]) if resume else []
-    for row in rows:  # a resumed job's log still shows every epoch (`> {log}` started it afresh)
-        log_epoch(row["epoch"], total, row, prefix="restored ")
+    job = _Job.start(model, spec, seed, state, train, val, jit, evaluate_on, tensorboard, resume)
     start, early = 0, None
-    for index, phase in enumerate(all_phases, start=1):
+    for index, phase in enumerate(phases(spec), start=1):
         end = start + phase["epochs"]
         if resume is not None and resume.phase > index:  # finished before the job was stopped
             start = end
             continue
         here = resume if resume is not None and resume.phase == index else None
-        if "unfreeze" in phase:
-            models.set_backbone_trainable(model, phase["unfreeze"])
-            log.info(
-                "phase %d: backbone unfrozen (%s), learning rate %g",
-                index,
-                phase["unfreeze"],
-                phase["optimizer"]["learning_rate"],
-            )
-        models.compile_model(model, phase, steps_per_epoch=steps, jit_compile=jit)
-        early = _restored_early_stopping(phase["early_stopping"], here) if phase.get("early_stopping") else None
-        first, last = _epoch_range(here, start, end, stop_after)
-        callbacks = _callbacks(
-            spec,
-            seed,
-            index,
-            total,
-            datasets.images_per_epoch(len(x), batch, drop_last),
-            evaluate_on,
-            tensorboard,
-            early,
-            EpochCheckpoint(state, index, rows, early),
-        )
-        batches = datasets.training_batches(
-            *train, batch, seed, first, last, drop_last, spec.get("alternating_flip", False)
-        )
-        _fit(
-            model,
-            batches,
-            steps,
-            val_ds,
-            None if tf_data else batch,
-            first,
-            last,
-            callbacks,
-            f"{spec['name']} seed {seed}",
-            phase,
-        )
+        early = _train_phase(job, index, phase, here, *_epoch_range(here, start, end, stop_after))
         start = end
         if stop_after is not None and end >= stop_after:
             break
+    rows = job.rows
     kept = early.best_epoch + 1 if early is not None and early.best_weights is not None else rows[-1]["epoch"]
     return {"rows": rows, "kept_epoch": int(kept), "stopped_early": bool(early is not None and early.stopped)}
+
+
+@dataclass
+class _Job:
+    """What every phase of one training job shares."""
+
+    model: keras.Model
+    spec: dict
+    seed: int
+    state: TrainingState
+    train: tuple
+    val_ds: object  # a tf.data.Dataset on TensorFlow, else the (images, labels) arrays; None on refit
+    jit: bool | str
+    evaluate_on: tuple | None
+    tensorboard: str | None
+    steps: int  # batches per epoch
+    total: int  # epochs over all phases
+    rows: list[dict]  # the history, restored from the checkpoint and grown by EpochCheckpoint
+
+    @classmethod
+    def start(cls, model, spec, seed, state, train, val, jit, evaluate_on, tensorboard, resume) -> _Job:
+        """The job's shared settings, its restored history logged again (`> {log}` started it afresh)."""
+        batch, drop_last = spec["batch_size"], spec.get("drop_last", False)
+        steps = datasets.steps_per_epoch(len(train[0]), batch, drop_last)
+        if steps == 0:
+            raise JobError(
+                f"{spec['name']}: drop_last with batch_size {batch} > {len(train[0])} training images leaves no batch"
+            )
+        tf_data = keras.backend.backend() == "tensorflow"  # else NumPy batches (datasets.epoch_batches)
+        val_ds = None if val is None else datasets.eval_dataset(*val, batch) if tf_data else val
+        total = sum(p["epochs"] for p in phases(spec))
+        rows: list[dict] = list(resume.state["history"]) if resume else []
+        for row in rows:
+            log_epoch(row["epoch"], total, row, prefix="restored ")
+        return cls(model, spec, seed, state, train, val_ds, jit, evaluate_on, tensorboard, steps, total, rows)
+
+
+def _train_phase(job: _Job, index: int, phase: dict, here: Checkpoint | None, first: int, last: int):
+    """Phase ``index`` of the job, epochs ``first`` to ``last``: the backbone unfrozen if the phase
+    says so, the model compiled for it, fitted from its checkpoint ``here`` (if any). Returns its
+    early stopping (None without)."""
+    spec, batch, drop_last = job.spec, job.spec["batch_size"], job.spec.get("drop_last", False)
+    if "unfreeze" in phase:
+        models.set_backbone_trainable(job.model, phase["unfreeze"])
+        log.info(
+            "phase %d: backbone unfrozen (%s), learning rate %g",
+            index,
+            phase["unfreeze"],
+            phase["optimizer"]["learning_rate"],
+        )
+    models.compile_model(job.model, phase, steps_per_epoch=job.steps, jit_compile=job.jit)
+    early = _restored_early_stopping(phase["early_stopping"], here) if phase.get("early_stopping") else None
+    callbacks = _callbacks(
+        spec,
+        job.seed,
+        index,
+        job.total,
+        datasets.images_per_epoch(len(job.train[0]), batch, drop_last),
+        job.evaluate_on,
+        job.tensorboard,
+        early,
+        EpochCheckpoint(job.state, index, job.rows, early),
+    )
+    batches = datasets.training_batches(
+        *job.train, batch, job.seed, first, last, drop_last, spec.get("alternating_flip", False)
+    )
+    val_batch = None if keras.backend.backend() == "tensorflow" else batch  # NumPy arrays are batched by fit
+    _fit(
+        job.model,
+        batches,
+        job.steps,
+        job.val_ds,
+        val_batch,
+        first,
+        last,
+        callbacks,
+        f"{spec['name']} seed {job.seed}",
+        phase,
+    )
+    return early
 
 
 def _epoch_range(here: Checkpoint | None, start: int, end: int, stop_after: int | None) -> tuple[int, int]:
