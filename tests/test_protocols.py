@@ -285,3 +285,21 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     # The study's own runs are never replaced by --add.
     with pytest.raises(JobError, match=f"{HOLDOUT} already published"):
         publish.main([str(study)], str(out), add_only=True)
+
+
+def test_the_pages_early_stopping_spread_reads_holdout_runs_only():
+    """The page's 'same configuration over seeds' lines describe stopping on the validation split:
+    a study run (stopped on the test set) of the same rung is not listed among them."""
+    import publish
+
+    def run(name, seed, protocol):
+        kept = {"epoch": 10 + seed, "accuracy": 0.9}
+        return {"model": name, "seed": seed, "epochs_run": 15 + seed, "kept_epoch": kept,
+                "test": {"accuracy": 0.85}, "protocol": {"name": protocol}}  # fmt: skip
+
+    study = "model_10__protocol-study"
+    metrics = [run("model_10", s, "holdout") for s in (0, 1)] + [run(study, s, "study") for s in (0, 1)]
+    info = {n: {"early_stopping": {"patience": 5}, "published": {}} for n in ("model_10", study)}
+    text = "\n".join(publish.stopping(metrics, info))
+    assert "model_10, the same configuration over seeds" in text and "seed 1: stopped after 16, kept epoch 11" in text
+    assert study not in text

@@ -46,7 +46,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow_scripts"))  # the workflow's cnnstudy package
 
-from cnnstudy import cli, configuration, figures, reporting, tables
+from cnnstudy import cli, configuration, figures, protocols, reporting, tables
 from cnnstudy.errors import JobError
 from cnnstudy.files import atomic_path, read_json, write_json
 
@@ -72,9 +72,12 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def stopping(metrics: list[dict], info: dict) -> list[str]:
-    """Where early stopping ended each seed of the early-stopped entries with several seeds."""
+    """Where early stopping ended each seed of the early-stopped holdout entries with several seeds
+    (what the protocols section compares them with: validation-split stopping; a study run's stopping
+    watched the test set)."""
     lines = []
-    for name in dict.fromkeys(m["model"] for m in metrics):
+    holdout = [m for m in metrics if (m.get("protocol") or {}).get("name", protocols.DEFAULT) == protocols.DEFAULT]
+    for name in dict.fromkeys(m["model"] for m in holdout):
         seeds = sorted((m for m in metrics if m["model"] == name), key=lambda m: m["seed"])
         if len(seeds) < 2 or not info[name].get("early_stopping"):
             continue
