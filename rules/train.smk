@@ -73,8 +73,8 @@ rule train:
         gpu=1,
         runtime=train_runtime,
     params:
-        # Resumable state (BackupAndRestore) outside the outputs: Snakemake's cleanup of a
-        # failed or killed job's outputs must not delete it.
+        # Resumable state (sealed per-epoch checkpoints: cnnstudy/checkpoint.py) outside the
+        # outputs: Snakemake's cleanup of a failed or killed job's outputs must not delete it.
         state_dir=lambda wildcards: f"{RESULTS}/train_state/{wildcards.model}/seed_{wildcards.seed}",
         precision=config["precision"],
         device=f"--require-gpu {config['require_gpu']} --deterministic-ops {str(config['deterministic_ops']).lower()}",
