@@ -181,6 +181,14 @@ def entry_with(ladder: dict, name: str, **changes) -> dict:
     return spec
 
 
+def pins(lines) -> dict:
+    """``name==version`` pins of a requirements file's lines (extras such as tensorflow[and-cuda] allowed)."""
+    import re
+
+    pin = r"\s*-?\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s#]+)"
+    return dict(re.match(pin, line).groups() for line in lines if "==" in line)
+
+
 @pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory, tiny_prepared):
     """The tiny preset: model_01 and a two-point sweep over its learning rate, every rule, two jobs

@@ -12,7 +12,7 @@ import yaml
 from cnnstudy import configuration
 from cnnstudy.errors import ConfigError
 
-from conftest import REPO
+from conftest import REPO, pins
 
 
 @pytest.fixture()
@@ -155,14 +155,9 @@ def test_settings_added_later_stay_out_of_the_spec_while_off(cfg):
     assert configuration.spec_hash(turned_on) != configuration.spec_hash(models["model_10"])
 
 
-def _pins(lines):
-    pin = r"\s*-?\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s#]+)"  # extras such as tensorflow[and-cuda] allowed
-    return dict(re.match(pin, line).groups() for line in lines if "==" in line)
-
-
 def test_conda_envs_pin_the_same_versions_as_requirements():
-    requirements = _pins((REPO / "requirements.txt").read_text().splitlines())
-    gpu = _pins((REPO / "requirements-gpu.txt").read_text().splitlines())
+    requirements = pins((REPO / "requirements.txt").read_text().splitlines())
+    gpu = pins((REPO / "requirements-gpu.txt").read_text().splitlines())
     assert gpu == {"tensorflow": requirements["tensorflow"]}, (
         "requirements-gpu.txt: the GPU build of the same TensorFlow"
     )
@@ -171,7 +166,7 @@ def test_conda_envs_pin_the_same_versions_as_requirements():
     for env_file in envs:
         env = yaml.safe_load(env_file.read_text())
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-        for name, version in _pins(pip).items():
+        for name, version in pins(pip).items():
             assert requirements.get(name) == version, f"{env_file.name}: {name}=={version} vs requirements.txt"
         assert "python=3.11" in env["dependencies"]
 

@@ -30,6 +30,7 @@ from conftest import (
     TINY,
     TWO_AT_ONCE,
     copy_workdir,
+    entry_with,
     require_mirror,
     saved_epoch,
     snakemake,
@@ -162,10 +163,6 @@ def test_augmentation_on_jax_keeps_shapes_and_ranges_and_draws_from_seed_and_epo
 # ---- training on JAX: same seed, same numbers; resume ---------------------------------------------
 
 
-def _job(ladder_specs, name: str, **changes) -> dict:
-    return {**ladder_specs[name], **changes, "backend": "jax"}
-
-
 def _train_cmd(data: Path, spec_file: Path, root: Path) -> list[str]:
     return [
         sys.executable,
@@ -210,14 +207,10 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
     kind, jax_env, tiny_data, ladder_specs, tmp_path
 ):
     spec = (
-        _job(ladder_specs, "model_01", epochs=3, batch_size=64)
+        entry_with(ladder_specs, "model_01", epochs=3, batch_size=64, backend="jax")
         if kind == "plain"
-        else _job(
-            ladder_specs,
-            "model_10",
-            epochs=6,
-            batch_size=64,
-            early_stopping={**ladder_specs["model_10"]["early_stopping"], "patience": 1},
+        else entry_with(
+            ladder_specs, "model_10", epochs=6, batch_size=64, early_stopping={"patience": 1}, backend="jax"
         )
     )
     spec_file = tmp_path / "spec.json"

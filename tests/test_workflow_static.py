@@ -9,9 +9,8 @@ import sys
 import typing
 
 import pytest
-from test_config import _pins
 
-from conftest import BIN, REPO, early, snakemake
+from conftest import BIN, REPO, early, pins, snakemake
 
 
 def _jobs(dry_run_output: str) -> dict[str, int]:
@@ -330,11 +329,13 @@ def test_the_gpu_installs_resolve_on_the_pinned_versions(gpu_resolutions):
     """`make run GPU=1` (TensorFlow's CUDA libraries) and `make run BACKEND=jax GPU=1` (jax[cuda12])
     resolve from the package index beside this environment's pins: CUDA wheels of the pinned JAX,
     nothing of requirements.txt upgraded or replaced."""
-    pins = _pins((REPO / "requirements.txt").read_text().splitlines())
+    pinned = pins((REPO / "requirements.txt").read_text().splitlines())
     for name, (proc, packages) in gpu_resolutions.items():
         assert proc.returncode == 0, f"{name}: pip cannot resolve it:\n{proc.stderr[-3000:]}"
         canonical = {re.sub(r"[-_.]+", "-", n).lower() for n in packages}
-        assert not canonical & {re.sub(r"[-_.]+", "-", n).lower() for n in pins}, f"{name} changes pins: {packages}"
+        assert not canonical & {re.sub(r"[-_.]+", "-", n).lower() for n in pinned}, f"{name} changes pins: {packages}"
         assert any(p.startswith("nvidia-cudnn-cu12") for p in packages), f"{name}: no cuDNN wheel in {packages}"
     jax_gpu = gpu_resolutions["requirements-jax-gpu.txt"][1]
-    assert jax_gpu.get("jax-cuda12-plugin") == pins["jax"] and jax_gpu.get("jax-cuda12-pjrt") == pins["jax"], jax_gpu
+    assert jax_gpu.get("jax-cuda12-plugin") == pinned["jax"] and jax_gpu.get("jax-cuda12-pjrt") == pinned["jax"], (
+        jax_gpu
+    )
