@@ -285,6 +285,17 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     # The study's own runs are never replaced by --add.
     with pytest.raises(JobError, match=f"{HOLDOUT} already published"):
         publish.main([str(study)], str(out), add_only=True)
+    # A run still going: its entries still training are counted in the page's status, and a rung none
+    # of whose refit or study entries has finished a run has no rows in the protocols table yet.
+    going, planned = tmp_path / "going", f"{REFERENCE}__protocol-refit"
+    shutil.copytree(later, going)
+    shutil.rmtree(going / "metrics" / REFIT)
+    (going / "specs" / "models.json").write_text(
+        json.dumps({**{n: entries[n] for n in (REFIT, STUDY)}, planned: entries[REFIT]})
+    )
+    publish.main([str(going)], str(out), add_only=True)
+    assert "4 of 5 runs finished (the run is still going" in (out / "README.md").read_text()
+    assert pd.read_csv(out / "tables" / "protocols.csv")["model"].tolist() == [HOLDOUT] * 3
 
 
 def test_the_pages_early_stopping_spread_reads_holdout_runs_only():

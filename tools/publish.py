@@ -560,6 +560,13 @@ def add(results_dirs: list[Path], out: str) -> dict:
         raise JobError(f"no finished runs under {', '.join(f'{r}/metrics' for r in results_dirs)}: nothing to add")
     added = list(dict.fromkeys(model for model, *_ in runs))
     info = configuration.complete({name: entries[name] for name in added})
+    # Entries the run still trains (described, no run finished yet) are described too, so that the
+    # page's status counts every planned run; an entry of the study's tables is only ever published whole.
+    planned = [
+        name
+        for name, entry in configuration.complete(entries).items()
+        if name not in added and name not in published and not configuration.in_study_tables(entry)
+    ]
     ours = {f.name.rsplit("_seed", 1)[0] for f in (out_dir / "metrics").glob("*_seed*.json")}
     clash = [name for name in added if name in ours and configuration.in_study_tables(info[name])]
     if clash:
@@ -587,7 +594,7 @@ def add(results_dirs: list[Path], out: str) -> dict:
         metrics = read_json(folder / "metrics.json")
         write_json(out_dir / "metrics" / f"{model}_seed{seed}.json", metrics)
         figures.run_figures(metrics, pd.read_csv(history), info[model], out_dir / "figures")
-    write_json(out_dir / MODELS_FILE, {**published, **{name: entries[name] for name in added}})
+    write_json(out_dir / MODELS_FILE, {**published, **{name: entries[name] for name in [*added, *planned]}})
     log.info("added %d run(s) of %s to %s", len(runs), ", ".join(added), out_dir)
     return refresh(out)
 

@@ -470,9 +470,11 @@ def has_protocols(models: dict) -> bool:
 
 
 def protocols_table(inputs: Inputs):
-    derived = [n for n, e in inputs.models.items() if protocols.of(e) != protocols.DEFAULT]
-    rungs = list(dict.fromkeys(protocols.holdout_name(n) for n in derived))
     ran = set(inputs.runs["model"]) if len(inputs.runs) else set()
+    # A rung appears once one of its refit or study entries has a finished run (a published page
+    # describes the entries still training, for its status line, before they have any).
+    derived = [n for n, e in inputs.models.items() if protocols.of(e) != protocols.DEFAULT and n in ran]
+    rungs = list(dict.fromkeys(protocols.holdout_name(n) for n in derived))
     rows = []
     for rung in rungs:
         members = [n for n in [rung, *derived] if protocols.holdout_name(n) == rung and n in ran]
