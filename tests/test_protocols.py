@@ -296,6 +296,22 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
     publish.main([str(going)], str(out), add_only=True)
     assert "4 of 5 runs finished (the run is still going" in (out / "README.md").read_text()
     assert pd.read_csv(out / "tables" / "protocols.csv")["model"].tolist() == [HOLDOUT] * 3
+    # Once it has a run (here the refit run's files under its name), its rung joins the table in the
+    # ladder's order (model_05 before model_06), not in the order the runs were added.
+    for sub in ("metrics", "models"):
+        shutil.copytree(later / sub / REFIT, going / sub / planned)
+    metrics_file = going / "metrics" / planned / "seed_0" / "metrics.json"
+    metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "model": planned}))
+    publish.main([str(going)], str(out), add_only=True)
+    assert "5 of 5 runs finished." in (out / "README.md").read_text()
+    table = pd.read_csv(out / "tables" / "protocols.csv")
+    assert list(table[["model", "protocol"]].itertuples(index=False, name=None)) == [
+        (REFERENCE, "holdout"),
+        (REFERENCE, "refit"),
+        (HOLDOUT, "holdout"),
+        (HOLDOUT, "refit"),
+        (HOLDOUT, "study"),
+    ]
 
 
 def test_the_pages_early_stopping_spread_reads_holdout_runs_only():

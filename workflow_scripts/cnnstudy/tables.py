@@ -474,7 +474,11 @@ def protocols_table(inputs: Inputs):
     # A rung appears once one of its refit or study entries has a finished run (a published page
     # describes the entries still training, for its status line, before they have any).
     derived = [n for n, e in inputs.models.items() if protocols.of(e) != protocols.DEFAULT and n in ran]
-    rungs = list(dict.fromkeys(protocols.holdout_name(n) for n in derived))
+    ladder = list(inputs.models)  # rungs in the ladder's order, not in the order their runs were added
+    rungs = sorted(
+        dict.fromkeys(protocols.holdout_name(n) for n in derived),
+        key=lambda r: ladder.index(r) if r in ladder else len(ladder),
+    )
     rows = []
     for rung in rungs:
         members = [n for n in [rung, *derived] if protocols.holdout_name(n) == rung and n in ran]
