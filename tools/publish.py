@@ -24,7 +24,8 @@ table and the page; after ``verify_published.py record`` has added checks to the
     python tools/publish.py --add --results /path/to/protocol/results --out reports/study
 
 adds the runs of entries not yet published (refit and study runs, a new rung) to the folder:
-their metrics, histories, learning curves and confusion matrices, their entries to models.json;
+their metrics, histories, learning curves and confusion matrices, their entries to models.json
+(with the entries the run still trains, so that the page's status counts every planned run);
 then refreshes it. Tables 3 and 4 are left as they are (Table 4 needs the test-set probabilities
 of every run, which are not published).
 
