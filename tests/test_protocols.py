@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -185,6 +186,11 @@ def test_refit_and_study_runs_stay_out_of_the_holdout_tables_and_fill_the_protoc
         for p, e in zip(table["protocol"], table["entry"], strict=True)
     }
     assert table.set_index("protocol")["test_accuracy_mean"].to_dict() == pytest.approx(test)
+    # Each protocol against holdout on the seeds both ran (here seed 0): its run minus the holdout run.
+    paired = table.set_index("protocol")
+    assert paired["paired_seeds"].tolist() == [0, 1, 1] and pd.isna(paired.loc["holdout", "diff_to_holdout"])
+    for p in ("refit", "study"):
+        assert paired.loc[p, "diff_to_holdout"] == pytest.approx(test[p] - test["holdout"])
     shown = (reports / "protocols.md").read_text()
     assert "study (test-selected)" in shown and shown.count("none (trained on it)") == 2
 
@@ -312,6 +318,34 @@ def test_publish_adds_refit_and_study_runs_beside_the_study_and_answers_per_rung
         (HOLDOUT, "refit"),
         (HOLDOUT, "study"),
     ]
+
+
+def test_the_pages_answer_compares_like_with_like_where_the_protocols_ran_other_seeds():
+    """A protocol run on fewer seeds than holdout: the page gives the difference on the seeds both ran
+    beside the means' (one refit seed against three holdout seeds); where the seeds are the same, the
+    means already compare like with like and nothing is added."""
+    import publish
+
+    def row(protocol, n, mean, diff, paired):
+        return {
+            "model": "model_10",
+            "protocol": protocol,
+            "n": n,
+            "test_accuracy_mean": mean,
+            "test_accuracy_std": np.nan if n == 1 else 0.02,
+            "epochs_run_mean": 20.0,
+            "study_test_accuracy": 0.8678,
+            "gap_to_study": mean - 0.8678,
+            "diff_to_holdout": diff,
+            "paired_seeds": paired,
+        }
+
+    rows = pd.DataFrame(
+        [row("holdout", 3, 0.8330, np.nan, 0), row("refit", 1, 0.7825, -0.0341, 1), row("study", 3, 0.8354, 0.0024, 3)]
+    )
+    answer = publish._rung_answer("model_10", rows, "model_10's seed spread")
+    assert "refit widens the gap by 145% (to -0.0853; − holdout on the same seeds -0.0341, n 1)" in answer
+    assert "the study's protocol closes 7% of the gap (to -0.0324)" in answer and "+0.0024" not in answer
 
 
 def test_the_pages_early_stopping_spread_reads_holdout_runs_only():

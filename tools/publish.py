@@ -236,6 +236,13 @@ def _seed_spread(table1: pd.DataFrame) -> str:
     )
 
 
+def _paired(row: pd.Series, hold: pd.Series) -> str:
+    """Where a protocol and holdout ran different seeds, the like-with-like difference beside the means'."""
+    if row["paired_seeds"] == row["n"] == hold["n"] or pd.isna(row["diff_to_holdout"]):
+        return ""
+    return f"; − holdout on the same seeds {row['diff_to_holdout']:+.4f}, n {int(row['paired_seeds'])}"
+
+
 def _rung_answer(rung: str, rows: pd.DataFrame, spread: str) -> str:
     """One rung's line: each protocol's test accuracy, and what each closes of the gap to the study."""
     by = {r["protocol"]: r for _, r in rows.iterrows()}
@@ -249,19 +256,17 @@ def _rung_answer(rung: str, rows: pd.DataFrame, spread: str) -> str:
         return f"- **{rung}**: {text}; its holdout runs are not published here."
     if pd.isna(study):  # a rung beyond the study: refit against holdout
         deltas = ", ".join(
-            f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}"
+            f"{p} − holdout {r['test_accuracy_mean'] - hold['test_accuracy_mean']:+.4f}{_paired(r, hold)}"
             for p, r in by.items()
             if p != "holdout"
         )
         return f"- **{rung}** (beyond the study): {text}. {deltas}."
     gap = hold["gap_to_study"]
     parts = [f"- **{rung}** (study {study:.4f}): {text}. Holdout is {gap:+.4f} from the study"]
-    if "study" in by:
-        parts.append(
-            f"the study's protocol {_closed(gap, by['study']['gap_to_study'])} (to {by['study']['gap_to_study']:+.4f})"
-        )
-    if "refit" in by:
-        parts.append(f"refit {_closed(gap, by['refit']['gap_to_study'])} (to {by['refit']['gap_to_study']:+.4f})")
+    for protocol, label in (("study", "the study's protocol"), ("refit", "refit")):
+        if protocol in by:
+            r = by[protocol]
+            parts.append(f"{label} {_closed(gap, r['gap_to_study'])} (to {r['gap_to_study']:+.4f}{_paired(r, hold)})")
     remaining = min((by[p]["gap_to_study"] for p in by), key=abs)  # the smallest gap any protocol leaves
     parts.append(f"what remains: {remaining:+.4f}")
     single = all(int(r["n"]) == 1 for r in by.values())

@@ -460,13 +460,23 @@ PROTOCOLS_NOTE = (
     "trained on all 50 000 and early-stopped on the test set: its test accuracy is test-selected (the test set "
     "chose its epochs), an optimistic number not comparable to the holdout and refit columns, shown only to "
     "compare with the study's. Test accuracy: the final model as evaluated, mean ± standard deviation over n "
-    "seeds. Gap: our mean minus the study's number. Epochs: epochs trained, mean over seeds."
+    "seeds. Gap: our mean minus the study's number. − holdout, same seeds: over the seeds this protocol and "
+    "holdout both ran (n), the mean of this protocol's test accuracy minus the holdout run's of the same seed; "
+    "like with like where the protocols ran different seeds. Epochs: epochs trained, mean over seeds."
 )
 
 
 def has_protocols(models: dict) -> bool:
     """Whether a run has refit or study entries (only then is the protocols table written)."""
     return any(protocols.of(e) != protocols.DEFAULT for e in models.values())
+
+
+def _same_seeds(runs: pd.DataFrame, entry: str, holdout: str) -> pd.Series:
+    """Per seed both ran: ``entry``'s test accuracy minus its holdout run's (like with like: a refit
+    trains for the epochs its holdout run of that seed kept)."""
+    by_seed = {name: runs[runs["model"] == name].set_index("seed")["test_accuracy"] for name in (entry, holdout)}
+    common = by_seed[entry].index.intersection(by_seed[holdout].index)
+    return by_seed[entry][common] - by_seed[holdout][common]
 
 
 def protocols_table(inputs: Inputs):
@@ -487,6 +497,7 @@ def protocols_table(inputs: Inputs):
         for name in sorted(members, key=lambda n: protocols.PROTOCOLS.index(protocols.of(inputs.models[n]))):
             protocol = protocols.of(inputs.models[name])
             row = agg.loc[name]
+            paired = _same_seeds(inputs.runs, name, rung) if name != rung else pd.Series(dtype=float)
             rows.append(
                 {
                     "model": rung,
@@ -494,6 +505,8 @@ def protocols_table(inputs: Inputs):
                     "entry": name,
                     "n": int(row["n"]),
                     "test_accuracy_mean": row["test_accuracy_mean"],
+                    "diff_to_holdout": paired.mean() if len(paired) else np.nan,
+                    "paired_seeds": len(paired),
                     "test_accuracy_std": row["test_accuracy_std"],
                     "study_test_accuracy": study,
                     "gap_to_study": row["test_accuracy_mean"] - study if study is not None else np.nan,
@@ -520,6 +533,13 @@ def protocols_table(inputs: Inputs):
             "gap_to_study",
             "Gap to study",
             show=lambda r: f"{r['gap_to_study']:+.4f}" if pd.notna(r["gap_to_study"]) else "",
+        ),
+        Column(
+            "diff_to_holdout",
+            "− holdout, same seeds",
+            show=lambda r: (
+                f"{r['diff_to_holdout']:+.4f} (n {r['paired_seeds']})" if pd.notna(r["diff_to_holdout"]) else ""
+            ),
         ),
         Column(
             "val_accuracy_mean",
