@@ -565,12 +565,13 @@ def add(results_dirs: list[Path], out: str) -> dict:
     if not runs:
         raise JobError(f"no finished runs under {', '.join(f'{r}/metrics' for r in results_dirs)}: nothing to add")
     added = list(dict.fromkeys(model for model, *_ in runs))
-    info = configuration.complete({name: entries[name] for name in added})
+    described = configuration.complete(entries)
+    info = {name: described[name] for name in added}
     # Entries the run still trains (described, no run finished yet) are described too, so that the
     # page's status counts every planned run; an entry of the study's tables is only ever published whole.
     planned = [
         name
-        for name, entry in configuration.complete(entries).items()
+        for name, entry in described.items()
         if name not in added and name not in published and not configuration.in_study_tables(entry)
     ]
     ours = {f.name.rsplit("_seed", 1)[0] for f in (out_dir / "metrics").glob("*_seed*.json")}
