@@ -344,6 +344,41 @@ def test_publish_writes_the_study_folder_from_two_results_directories(tiny_run, 
     assert not (tmp_path / "refused").exists()
 
 
+def test_the_page_says_where_to_reproduce_each_checked_run_from():
+    """A run checked with this checkout's training code is reproduced from this checkout, whatever
+    commit checked it; any other from the commit of its latest check; an unchecked run from none."""
+    import publish
+
+    from cnnstudy import provenance
+
+    here = provenance.code_hash("train.py")
+
+    def run(*checks):
+        return {
+            "provenance": {
+                "verified": [
+                    {"commit": commit * 40, "epochs": epochs, "code_hashes": {"training": code}}
+                    for commit, epochs, code in checks
+                ]
+            }
+        }
+
+    metrics = [
+        run(("a", "1-2", "old"), ("a", "all 60 and the evaluation", "old")),
+        run(("a", "1-2", "old"), ("c", "1-2", here)),  # checked again since: this checkout's code
+        run(("b", "1-2", here)),
+        run(("a", "1-2", "old"), ("d", "1-2", "older")),
+        run(),
+    ]
+    line = next(line for line in publish.reproduced_by(metrics, 5) if line.startswith("**Reproduce"))
+    assert line.startswith(
+        f"**Reproduce these runs from:** this checkout, or any whose training code hashes {here} "
+        f"(2 of 5 runs: epochs 1-2); commit {'a' * 12} (1 of 5 runs: epochs 1-2, "
+        f"1 of 5 runs: epochs all 60 and the evaluation); commit {'d' * 12} (1 of 5 runs: epochs 1-2): "
+    ), line
+    assert not any(line.startswith("**Reproduce") for line in publish.reproduced_by([run()], 1))
+
+
 def test_a_step_is_differenced_over_every_pair_of_training_runs():
     """Table 4's Δ per pair of runs: same seed where both have it, a single-seed entry against each
     seed of the other; a sign that changes between pairs is flagged."""

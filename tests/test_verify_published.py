@@ -277,4 +277,5 @@ def test_recorded_checks_clear_the_mark_of_the_runs_they_verified(verify_checks,
     assert "model_01" in page_rows and "model_10 †" in page_rows and "model_01 †" not in page_rows, "the page's Table 1"
     page = (study / "README.md").read_text()
     runs = len(list((study / "metrics").glob("*_seed*.json")))
-    assert f"commit {commit[:12]} (1 of {runs} runs: epochs 1-1, 1 of {runs} runs: epochs 1-2)" in page, page
+    here = f"this checkout, or any whose training code hashes {provenance.code_hash('train.py')}"
+    assert f"{here} (1 of {runs} runs: epochs 1-1, 1 of {runs} runs: epochs 1-2)" in page, page

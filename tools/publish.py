@@ -47,7 +47,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow_scripts"))  # the workflow's cnnstudy package
 
-from cnnstudy import cli, configuration, figures, protocols, reporting, tables
+from cnnstudy import cli, configuration, figures, protocols, provenance, reporting, tables
 from cnnstudy.errors import JobError
 from cnnstudy.files import atomic_path, read_json, write_json
 
@@ -163,12 +163,21 @@ def _study_number_lines(claimed: pd.DataFrame, held: pd.Series) -> list[str]:
 
 
 def reproduced_by(metrics: list[dict], total: int) -> list[str]:
-    """Which commits reproduce the runs (verify_published's checks) and what the † means."""
+    """Where to reproduce the runs from (verify_published's checks) and what the † means. A run
+    checked with code that hashes as this checkout's training code is reproduced from this checkout
+    (any commit with that training code retrains it alike); any other from the commit of its latest check."""
+    current = provenance.code_hash("train.py")
     checks: dict[str, dict[str, int]] = {}
     for m in metrics:
-        for check in m["provenance"].get("verified") or []:
-            checks.setdefault(check["commit"], {}).setdefault(check["epochs"], 0)
-            checks[check["commit"]][check["epochs"]] += 1
+        verified = m["provenance"].get("verified") or []
+        if not verified:
+            continue
+        here = [v for v in verified if (v.get("code_hashes") or {}).get("training") == current]
+        source = "here" if here else verified[-1]["commit"]
+        chosen = here or [v for v in verified if v["commit"] == source]
+        for epochs in sorted({v["epochs"] for v in chosen}):
+            checks.setdefault(source, {}).setdefault(epochs, 0)
+            checks[source][epochs] += 1
     lines = [
         "A run trains from a checkout pinned where it started, so the code moves on beside it. `make",
         "verify-published` checks the published runs against a checkout's code: it retrains each run's first",
@@ -180,12 +189,18 @@ def reproduced_by(metrics: list[dict], total: int) -> list[str]:
         lines.append(
             "**Reproduce these runs from:** "
             + "; ".join(
-                f"commit {commit[:12]} ("
+                (
+                    f"this checkout, or any whose training code hashes {current}"
+                    if source == "here"
+                    else f"commit {source[:12]}"
+                )
+                + " ("
                 + ", ".join(f"{n} of {total} runs: epochs {epochs}" for epochs, n in sorted(done.items()))
                 + ")"
-                for commit, done in checks.items()
+                for source, done in sorted(checks.items(), key=lambda item: item[0] != "here")
             )
-            + ": `git checkout` it and run the recipe in the repository's README."
+            + ": `git checkout` the commit named (a run of this checkout's training code needs none) and run the"
+            " recipe in the repository's README."
         )
     lines += [
         "The tables mark † a run whose training code (the train script and every module it imports) differs",
