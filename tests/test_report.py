@@ -344,6 +344,26 @@ def test_publish_writes_the_study_folder_from_two_results_directories(tiny_run, 
     assert not (tmp_path / "refused").exists()
 
 
+def test_the_published_folder_is_what_this_checkout_writes(tmp_path):
+    """reports/study is regenerated whenever its formats or the code's hashes change: a refresh of
+    a copy of it (from the folder alone, as `make verify-published RECORD=1` does) changes no file."""
+    import publish
+
+    from conftest import REPO
+
+    published, copy = REPO / "reports" / "study", tmp_path / "study"
+    shutil.copytree(published, copy)
+    publish.refresh(str(copy))
+    files = {path.relative_to(folder) for folder in (published, copy) for path in folder.rglob("*") if path.is_file()}
+    changed = sorted(
+        str(name)
+        for name in files
+        if not ((published / name).is_file() and (copy / name).is_file())
+        or (published / name).read_bytes() != (copy / name).read_bytes()
+    )
+    assert not changed, f"run `python tools/publish.py --refresh --out reports/study` and commit: {changed}"
+
+
 def test_the_page_says_where_to_reproduce_each_checked_run_from():
     """A run checked with this checkout's training code is reproduced from this checkout, whatever
     commit checked it; any other from the commit of its latest check; an unchecked run from none."""
