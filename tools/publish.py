@@ -233,7 +233,9 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
         "point, on the test set. The rungs below were also trained under **refit** (all 50 000 images for the",
         "epoch count the holdout run kept) and under the **study**'s protocol (all 50 000, early-stopped on the",
         "test set: test-selected, optimistic by construction). [tables/protocols.md](tables/protocols.md) has",
-        "every number; the holdout tables above are unchanged.",
+        "every number; the holdout tables above are unchanged. A refit run keeps its last epoch's weights",
+        "where an early-stopped run restores its best epoch's; with the same seed, a refit and a study run are",
+        "one run up to where the shorter stops (docs/configuration.md).",
         "",
     ]
     spread = _seed_spread(table1)
