@@ -364,3 +364,29 @@ def test_the_pages_early_stopping_spread_reads_holdout_runs_only():
     text = "\n".join(publish.stopping(metrics, info))
     assert "model_10, the same configuration over seeds" in text and "seed 1: stopped after 16, kept epoch 11" in text
     assert study not in text
+
+
+def test_the_page_sums_up_each_protocol_across_the_studys_rungs():
+    """A protocol run on two or more of the study's rungs: one line with its same-seed difference to
+    holdout per rung, their mean and how many it raised; rungs beyond the study and a protocol on one
+    rung are left out."""
+    import publish
+
+    def row(model, protocol, diff, study=0.85):
+        return {"model": model, "protocol": protocol, "diff_to_holdout": diff, "study_test_accuracy": study}
+
+    frame = pd.DataFrame(
+        [
+            row("model_02", "holdout", np.nan),
+            row("model_02", "study", -0.0461),
+            row("model_07", "holdout", np.nan),
+            row("model_07", "study", 0.0309),
+            row("model_10", "refit", -0.0246),
+            row("model_18", "refit", 0.0033, study=np.nan),
+        ]
+    )
+    lines = publish._across_rungs(frame, "model_10's seed spread (0.018)")
+    assert lines == [
+        "- **Across the study's rungs**, study − holdout on the same seeds: model_02 -0.0461, model_07 +0.0309 "
+        "(mean -0.0076; above holdout on 1 of 2), against model_10's seed spread (0.018)."
+    ]

@@ -239,7 +239,26 @@ def protocol_answers(frame: pd.DataFrame, table1: pd.DataFrame) -> list[str]:
         "",
     ]
     spread = _seed_spread(table1)
-    return lines + [_rung_answer(rung, rows, spread) for rung, rows in frame.groupby("model", sort=False)]
+    answers = [_rung_answer(rung, rows, spread) for rung, rows in frame.groupby("model", sort=False)]
+    return lines + answers + _across_rungs(frame, spread)
+
+
+def _across_rungs(frame: pd.DataFrame, spread: str) -> list[str]:
+    """Per protocol run on two or more of the study's rungs: its difference to holdout on the same
+    seeds, rung by rung, with the mean and how many rungs it raised, read against the seed spread."""
+    lines = []
+    ladder = frame[frame["study_test_accuracy"].notna() & frame["diff_to_holdout"].notna()]
+    for protocol, rows in ladder.groupby("protocol", sort=False):
+        if len(rows) < 2:
+            continue
+        diffs = rows.set_index("model")["diff_to_holdout"]
+        lines.append(
+            f"- **Across the study's rungs**, {protocol} − holdout on the same seeds: "
+            + ", ".join(f"{rung} {diff:+.4f}" for rung, diff in diffs.items())
+            + f" (mean {diffs.mean():+.4f}; above holdout on {int((diffs > 0).sum())} of {len(diffs)}), "
+            f"against {spread}."
+        )
+    return lines
 
 
 def _seed_spread(table1: pd.DataFrame) -> str:
