@@ -172,7 +172,7 @@ def reproduced_by(metrics: list[dict], total: int) -> list[str]:
         verified = m["provenance"].get("verified") or []
         if not verified:
             continue
-        here = [v for v in verified if (v.get("code_hashes") or {}).get("training") == current]
+        here = tables.checks_with(m["provenance"], "training", current)
         source = "here" if here else verified[-1]["commit"]
         chosen = here or [v for v in verified if v["commit"] == source]
         for epochs in sorted({v["epochs"] for v in chosen}):

@@ -87,13 +87,19 @@ def time_to(metrics: dict, target: float, unit: str = "train_seconds") -> float:
     return float("nan")
 
 
+def checks_with(record: dict, stage: str, code: str) -> list[dict]:
+    """The verify_published checks recorded in a result's provenance that vouch for its ``stage``
+    code ("training" or "evaluation") hashing as ``code``."""
+    return [v for v in record.get("verified") or [] if (v.get("code_hashes") or {}).get(stage) == code]
+
+
 def code_status(record: dict, stage: str, current: str) -> str:
     """Whether a result's ``stage`` code ("training" or "evaluation") is the ``current`` code:
     "same" (it hashes the same), "verified" (it differs, but verify_published checked the result
     with code that hashes as ``current``) or "differs"."""
     if (record.get(stage) or {}).get("code_hash") == current:
         return "verified" if (record.get(stage) or {}).get("original") else "same"
-    if any((v.get("code_hashes") or {}).get(stage) == current for v in record.get("verified") or []):
+    if checks_with(record, stage, current):
         return "verified"
     return "differs"
 
