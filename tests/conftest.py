@@ -349,6 +349,41 @@ def tiny_run(started_early) -> dict:
     return started_early["tiny_run"].result()
 
 
+def train_cli(
+    data: Path,
+    spec: Path,
+    out: Path,
+    *,
+    seed: int,
+    threads: int = 1,
+    state: Path | None = None,
+    scripts: Path = SCRIPTS,
+) -> list[str]:
+    """The train script's command line as the train rule gives it: its outputs
+    (model.keras, history.csv, train_info.json) in the folder ``out``, its training state in ``state``
+    (default ``out/state``); ``scripts``: whose workflow_scripts/ (tests/test_equivalence.py's reference)."""
+    outs = {"model": "model.keras", "history": "history.csv", "info": "train_info.json"}
+    return [
+        sys.executable,
+        str(Path(scripts) / "train.py"),
+        *("--data", str(data), "--spec", str(spec), "--seed", str(seed), "--threads", str(threads)),
+        *(arg for k, name in outs.items() for arg in (f"--{k}-out", str(Path(out) / name))),
+        *("--state-dir", str(state or Path(out) / "state")),
+    ]
+
+
+def saved_weights(model: Path) -> list[np.ndarray]:
+    """The arrays of a saved .keras model's weights, in file order (bit-identity checks)."""
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(model) as archive, archive.open("model.weights.h5") as fh, h5py.File(fh) as h5:
+        arrays = []
+        h5.visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return arrays
+
+
 def saved_epoch(state_dir: Path) -> int:
     """The last epoch a training job's state directory holds a sealed checkpoint of (0: none)."""
     import re

@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SCRIPTS, missing, saved_epoch
+from conftest import SCRIPTS, missing, saved_epoch, saved_weights, train_cli
 
 TIMING = ["epoch_time", "images_per_s"]
 
@@ -52,33 +49,9 @@ def _spec(ladder_specs, epochs: int) -> dict:
 
 def _train(tiny_data: Path, spec: Path, out: Path, state: Path, log: Path) -> subprocess.CompletedProcess:
     """The train script as its rule runs it, its log redirected like the rule's."""
-    cmd = [
-        sys.executable,
-        str(SCRIPTS / "train.py"),
-        "--data",
-        str(tiny_data),
-        "--spec",
-        str(spec),
-        "--model-out",
-        str(out / "model.keras"),
-        "--history-out",
-        str(out / "history.csv"),
-        "--info-out",
-        str(out / "train_info.json"),
-        "--state-dir",
-        str(state),
-        "--threads",
-        "1",
-    ]
     with open(log, "w") as fh:
+        cmd = train_cli(tiny_data, spec, out, seed=0, state=state)
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=600, cwd=SCRIPTS)
-
-
-def _weights(model: Path) -> list[np.ndarray]:
-    with zipfile.ZipFile(model) as z, z.open("model.weights.h5") as raw, h5py.File(raw) as h5:
-        arrays = []
-        h5.visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return arrays
 
 
 def _outputs_left(out: Path) -> list[str]:
@@ -117,6 +90,6 @@ def test_a_full_disk_fails_clearly_keeps_the_last_checkpoint_and_resumes_exactly
     assert "resuming after epoch 2" in log.read_text()
     got, expected = (pd.read_csv(d / "history.csv").drop(columns=TIMING) for d in (out, reference))
     pd.testing.assert_frame_equal(got, expected, check_exact=True)
-    for a, b in zip(_weights(out / "model.keras"), _weights(reference / "model.keras"), strict=True):
+    for a, b in zip(saved_weights(out / "model.keras"), saved_weights(reference / "model.keras"), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not state.exists(), "a finished job removes its training state"

@@ -18,7 +18,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from conftest import REPO, early, entry_with, load_ladder, missing, side_by_side
+from conftest import REPO, early, entry_with, load_ladder, missing, side_by_side, train_cli
 
 REFERENCE = "5720dab6827194fc4c0e9908a95f1c695a8d2ef4"
 TIMING = ["epoch_time", "images_per_s"]
@@ -50,35 +50,13 @@ def _reference_code(root):
 def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
     """Train, then evaluate, each side's code (name -> its workflow_scripts) in processes of their
     own, the sides side by side with one thread each; return each side's history and metrics."""
-    files = {}
-    for name in sides:
-        out = root / name
+    outs = {name: root / name for name in sides}
+    for out in outs.values():
         out.mkdir(parents=True)
         (out / "spec.json").write_text(json.dumps(spec))
-        files[name] = {k: str(out / v) for k, v in (("model", "m.keras"), ("history", "h.csv"), ("info", "i.json"))}
     side_by_side(
         {
-            name: [
-                *NICE,
-                sys.executable,
-                str(scripts / "train.py"),
-                "--data",
-                str(data),
-                "--spec",
-                str(root / name / "spec.json"),
-                "--model-out",
-                files[name]["model"],
-                "--history-out",
-                files[name]["history"],
-                "--info-out",
-                files[name]["info"],
-                "--state-dir",
-                str(root / name / "state"),
-                "--seed",
-                "2",
-                "--threads",
-                "1",
-            ]
+            name: [*NICE, *train_cli(data, outs[name] / "spec.json", outs[name], seed=2, scripts=scripts)]
             for name, scripts in sides.items()
         },
         root / "train-logs",
@@ -95,11 +73,11 @@ def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
                 "--manifest",
                 str(data.with_suffix(".json")),
                 "--model",
-                files[name]["model"],
+                str(outs[name] / "model.keras"),
                 "--history",
-                files[name]["history"],
+                str(outs[name] / "history.csv"),
                 "--train-info",
-                files[name]["info"],
+                str(outs[name] / "train_info.json"),
                 "--metrics-out",
                 str(root / name / "metrics.json"),
                 "--probs-out",
@@ -117,7 +95,7 @@ def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
     results = {}
     for name in sides:
         metrics = json.loads((root / name / "metrics.json").read_text())
-        history = pd.read_csv(files[name]["history"]).drop(columns=TIMING)
+        history = pd.read_csv(outs[name] / "history.csv").drop(columns=TIMING)
         results[name] = history, {k: metrics[k] for k in ("test", "val", "kept_epoch", "epochs_run", "stopped_early")}
     return results
 

@@ -15,10 +15,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,7 +31,9 @@ from conftest import (
     entry_with,
     require_mirror,
     saved_epoch,
+    saved_weights,
     snakemake,
+    train_cli,
     wait_for_epoch,
 )
 
@@ -163,41 +163,11 @@ def test_augmentation_on_jax_keeps_shapes_and_ranges_and_draws_from_seed_and_epo
 # ---- training on JAX: same seed, same numbers; resume ---------------------------------------------
 
 
-def _train_cmd(data: Path, spec_file: Path, root: Path) -> list[str]:
-    return [
-        sys.executable,
-        str(SCRIPTS / "train.py"),
-        "--data",
-        str(data),
-        "--spec",
-        str(spec_file),
-        "--seed",
-        "1",
-        "--threads",
-        "1",
-        "--model-out",
-        str(root / "model.keras"),
-        "--history-out",
-        str(root / "history.csv"),
-        "--info-out",
-        str(root / "info.json"),
-        "--state-dir",
-        str(root / "state"),
-    ]
-
-
-def _weights(model_file: Path) -> list[np.ndarray]:
-    with zipfile.ZipFile(model_file) as archive, archive.open("model.weights.h5") as fh, h5py.File(fh) as h5:
-        arrays = []
-        h5.visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return arrays
-
-
 def _same_run(a: Path, b: Path) -> None:
     timing = ["epoch_time", "images_per_s"]
     ha, hb = (pd.read_csv(r / "history.csv").drop(columns=timing) for r in (a, b))
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
-    wa, wb = _weights(a / "model.keras"), _weights(b / "model.keras")
+    wa, wb = saved_weights(a / "model.keras"), saved_weights(b / "model.keras")
     assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
 
 
@@ -221,7 +191,7 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
     # Started together (one thread each): the run to kill, and the uninterrupted run(s) to compare.
     with open(runs["resumed"] / "killed.log", "w") as log:
         proc = subprocess.Popen(
-            _train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, stdout=log, stderr=subprocess.STDOUT
+            train_cli(tiny_data, spec_file, runs["resumed"], seed=1), env=jax_env, stdout=log, stderr=subprocess.STDOUT
         )
     # The same seed twice, as its own check, on the cheap entry; on model_10 the resumed run's
     # equality with the uninterrupted one already needs every epoch's draws to repeat across processes.
@@ -230,7 +200,7 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
     for name in whole:
         with open(runs[name] / "job.log", "w") as log:
             uninterrupted[name] = subprocess.Popen(
-                _train_cmd(tiny_data, spec_file, runs[name]), env=jax_env, stdout=log, stderr=subprocess.STDOUT
+                train_cli(tiny_data, spec_file, runs[name], seed=1), env=jax_env, stdout=log, stderr=subprocess.STDOUT
             )
     # Killed after its first checkpoint, mid-way through the next epoch; rerun below.
     wait_for_epoch(runs["resumed"] / "state", 1, proc, timeout=900)
@@ -240,14 +210,14 @@ def test_on_jax_the_same_seed_twice_and_a_killed_job_resumed_give_the_same_run(
     # Rerun at once, beside the uninterrupted run(s) still training.
     with open(runs["resumed"] / "rerun.log", "w") as log:
         rerun = subprocess.Popen(
-            _train_cmd(tiny_data, spec_file, runs["resumed"]), env=jax_env, stdout=log, stderr=subprocess.STDOUT
+            train_cli(tiny_data, spec_file, runs["resumed"], seed=1), env=jax_env, stdout=log, stderr=subprocess.STDOUT
         )
     for name, run in {**uninterrupted, "resumed": rerun}.items():
         log = runs[name] / ("rerun.log" if name == "resumed" else "job.log")
         assert run.wait(timeout=900) == 0, f"{name}: {log.read_text()[-3000:]}"
     if kind == "plain":
         _same_run(runs["first"], runs["second"])
-    info = json.loads((runs["first"] / "info.json").read_text())
+    info = json.loads((runs["first"] / "train_info.json").read_text())
     assert info["backend"] == "jax" and info["device"]["jax"] and info["jit_compile"] is True
     assert "resuming after epoch" in (runs["resumed"] / "rerun.log").read_text()
     _same_run(runs["first"], runs["resumed"])

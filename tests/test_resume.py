@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import evaluate
@@ -26,7 +25,7 @@ import train
 
 from cnnstudy import checkpoint, predict, training
 
-from conftest import SCRIPTS, early, entry_with, load_ladder, saved_epoch, two_at_a_time, wait_for_epoch
+from conftest import early, entry_with, load_ladder, saved_epoch, train_cli, two_at_a_time, wait_for_epoch
 
 # ---- the state directory ------------------------------------------------------------------
 
@@ -152,7 +151,7 @@ def _outs(root: Path) -> dict:
     return {
         "model_out": str(root / "model.keras"),
         "history_out": str(root / "history.csv"),
-        "info_out": str(root / "info.json"),
+        "info_out": str(root / "train_info.json"),
         "state_dir": str(root / "state"),
     }
 
@@ -164,20 +163,7 @@ TIMEOUT = 1800
 
 
 def _cli(data, spec_file, outs) -> list[str]:
-    args = [
-        *NICE,
-        sys.executable,
-        str(SCRIPTS / "train.py"),
-        "--data",
-        str(data),
-        "--spec",
-        str(spec_file),
-        "--seed",
-        "1",
-        "--threads",
-        "1",
-    ]
-    return args + [f"--{k.replace('_', '-')}={v}" for k, v in outs.items()]
+    return [*NICE, *train_cli(data, spec_file, Path(outs["model_out"]).parent, seed=1)]
 
 
 def _train(data, spec_file, outs) -> str:
