@@ -178,7 +178,6 @@ for i in range(1, n + 1):
     total = tree + carried
     what = "last chunk: data, (a) 60 s, (b), (c), then (a)" if last else ("chunk; (a) meanwhile" if b[i - 1] >= 25 else "chunk only")
     print(f"\ncall {i} ({what}): {total / MiB:.1f} MiB travel (tree {tree / MiB:.1f} + carried {carried / MiB:.1f}), limit 64")
-    # Call 1 asks for the H200 (issue 27's goals and docs/speed.md's figures); later calls keep it.
     print(json.dumps({"command": cmd, "carry": carry, "timeout_s": timeout} | ({"kind": "nvidia-h200"} if i == 1 else {})))
     if total > LIMIT - MiB:
         sys.exit(f"call {i} would carry {total} B: too close to the limit; rerun with CHUNKS={n + 1}")
