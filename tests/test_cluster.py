@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -114,10 +115,14 @@ def test_killed_training_job_resumes_and_nothing_else_reruns(tmp_path, tiny_prep
     jobs = _jobs(proc.stdout + proc.stderr)
     assert jobs.get("train") == 1 and "preprocess" not in jobs and "download" not in jobs, jobs
     train_log = (tmp_path / "results/tiny/logs/train/model_03/seed_0.log").read_text()
-    assert "resuming after epoch 2" in train_log and "INFO epoch 3/5" in train_log and "INFO epoch 2/5" not in train_log
-    assert "INFO restored epoch 2/5" in train_log  # the log still shows every epoch
-    history = pd.read_csv(tmp_path / "results/tiny/models/model_03/seed_0/history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert "resuming after epoch 2" in train_log and "INFO epoch 3/5" in train_log
+    # Epochs 1 and 2 are not trained again; the log still shows them, as restored from the checkpoint.
+    assert "INFO epoch 1/5" not in train_log and "INFO epoch 2/5" not in train_log
+    assert "INFO restored epoch 1/5" in train_log and "INFO restored epoch 2/5" in train_log
+    run = tmp_path / "results/tiny/models/model_03/seed_0"
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2, 3, 4, 5]  # every epoch exactly once
+    info = json.loads((run / "train_info.json").read_text())
+    assert info["resumed_from_epoch"] == 2 and info["epochs_run"] == 5
     print(f"preemption rerun: {time.time() - started:.1f} s")
 
 

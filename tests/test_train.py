@@ -1,11 +1,10 @@
-"""Training and evaluation jobs through their main() (and the CLI where a process must die)."""
+"""Training and evaluation jobs through their main() (and their command line where what a process loads is checked)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import train
 
 from cnnstudy.errors import JobError
 
-from conftest import SCRIPTS, saved_epoch, train_cli, wait_for_epoch
+from conftest import SCRIPTS, saved_epoch
 
 
 def _spec(ladder_specs, name, **changes):
@@ -79,39 +78,6 @@ def test_nan_loss_fails_the_job_clearly(tiny_data, ladder_specs, tmp_path):
     with pytest.raises(JobError, match=r"model_01 seed 0: training diverged \(NaN or Inf loss .*no model was written"):
         train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), threads=2, precision="float32")
     assert not any(os.path.exists(path) for path in out.values())
-
-
-def _run_cli(cmd, log_path, wait=True):
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if wait:
-        assert proc.wait(timeout=600) == 0, open(log_path).read()
-    return proc
-
-
-def test_killed_job_resumes_after_its_last_finished_epoch(tiny_data, ladder_specs, tmp_path):
-    spec = _spec(ladder_specs, "model_03", epochs=5, batch_size=32, early_stopping=None)
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    state = tmp_path / "state"
-    args = train_cli(tiny_data, tmp_path / "spec.json", tmp_path, seed=0, threads=2, state=state)
-
-    proc = _run_cli(args, tmp_path / "first.log", wait=False)
-    wait_for_epoch(state, 2, proc, timeout=300)
-    os.kill(proc.pid, signal.SIGKILL)  # like a scheduler's preemption: no clean-up runs
-    proc.wait()
-    assert saved_epoch(state) == 2, "the job was not killed between epochs 2 and 3"
-    assert not (tmp_path / "model.keras").exists()
-
-    _run_cli(args, tmp_path / "second.log")
-    second = (tmp_path / "second.log").read_text()
-    assert "resuming after epoch 2" in second
-    # Epochs 1 and 2 are not trained again; the log shows them as restored from the checkpoint.
-    assert "INFO epoch 1/5" not in second and "INFO epoch 2/5" not in second and "INFO epoch 3/5" in second
-    assert "INFO restored epoch 1/5" in second and "INFO restored epoch 2/5" in second
-    history = pd.read_csv(tmp_path / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]  # every epoch exactly once
-    info = json.loads((tmp_path / "train_info.json").read_text())
-    assert info["resumed_from_epoch"] == 2 and info["epochs_run"] == 5
 
 
 def test_state_of_a_different_job_is_discarded(tiny_data, ladder_specs, tmp_path):
