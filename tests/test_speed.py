@@ -258,6 +258,7 @@ def test_benchmark_measures_both_paths_and_writes_its_report(tiny_data, ladder_s
         threads=2,
         concurrency_jobs=[1, 2],
         sections=["paths", "concurrency", "backends"],
+        peak_seconds=0.3,  # each of the 3 processes reporting peaks: 2 x 0.3 s, not the default 2 x 3 s
     )
     rows = {row["model"]: row for row in result["models"]}
     assert set(rows) == {"model_17"}

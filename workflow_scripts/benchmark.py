@@ -178,14 +178,17 @@ def _path_setup(path: str, spec: dict, x, y, x_test, steps: int, precision: str,
     return model, fit, predict, policy, jit
 
 
-def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, threads: int, precision: str) -> dict:
+def measure_paths(
+    data: str, spec_path: str, paths, images: int, rounds: int, threads: int, precision: str, peak_seconds: float
+) -> dict:
     """Training (and evaluation) images/s of ``paths``, all in this one process.
 
     workflow: the training job's tf.data pipeline, precision and XLA setting; ceiling: the same
     model fed the same images as cached, ready-made batches; baseline: float32, numpy arrays and Keras 2's
     ImageDataGenerator for the entry's augmentation. The paths take turns, epoch by epoch, so
     that whatever speed this process runs at, every path sees it: the ratios compare like
-    with like.
+    with like. Then the bfloat16 and float32 matmul peaks, each measured for ``peak_seconds``
+    (0: none, for measurements that report only img/s).
     """
     intra, _ = runtime.configure_threads(threads)
     with np.load(data) as arrays:
@@ -212,7 +215,7 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     from cnnstudy import flops
 
     per_image = flops.TRAIN_FACTOR * flops.forward_flops(setups[paths[0]][0])
-    peaks = {dtype: flops.matmul_peak(dtype) for dtype in ("bfloat16", "float32")}  # same process, right after
+    peaks = _peaks(peak_seconds) if peak_seconds > 0 else None  # same process, right after
     return {
         path: {
             "path": path,
@@ -229,7 +232,15 @@ def measure_paths(data: str, spec_path: str, paths, images: int, rounds: int, th
     }
 
 
-def _measure_args(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str) -> list[str]:
+def _peaks(seconds: float) -> dict:
+    from cnnstudy import flops
+
+    return {dtype: flops.matmul_peak(dtype, seconds=seconds) for dtype in ("bfloat16", "float32")}
+
+
+def _measure_args(
+    data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, peak_seconds: float
+) -> list[str]:
     """The command-line arguments a measuring process of this script (see _spawn, Worker) takes."""
     return [
         "--data",
@@ -244,19 +255,30 @@ def _measure_args(data: str, spec_path: str, images: int, rounds: int, threads: 
         str(threads),
         "--precision",
         precision,
+        "--peak-seconds",
+        str(peak_seconds),
     ]
 
 
 def _spawn(
-    data: str, spec_path: str, paths: str, images: int, rounds: int, threads: int, precision: str, jobs: int = 1
+    data: str,
+    spec_path: str,
+    paths: str,
+    images: int,
+    rounds: int,
+    threads: int,
+    precision: str,
+    peak_seconds: float,
+    jobs: int = 1,
 ):
-    """Run ``jobs`` copies of one measurement (``paths``: comma-separated), each in a fresh process, at once."""
+    """Run ``jobs`` copies of one measurement (``paths``: comma-separated; then the matmul peaks,
+    measured for ``peak_seconds``, none: 0), each in a fresh process, at once."""
     cmd = [
         sys.executable,
         str(HERE / "benchmark.py"),
         "--measure",
         paths,
-        *_measure_args(data, spec_path, images, rounds, threads, precision),
+        *_measure_args(data, spec_path, images, rounds, threads, precision, peak_seconds),
     ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(jobs)]
     results = []
@@ -269,7 +291,14 @@ def _spawn(
 
 
 def measure_model(
-    data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, processes: int
+    data: str,
+    spec_path: str,
+    images: int,
+    rounds: int,
+    threads: int,
+    precision: str,
+    processes: int,
+    peak_seconds: float,
 ) -> dict:
     """The three paths of one model, together in each of ``processes`` fresh processes; the fastest is kept.
 
@@ -279,7 +308,10 @@ def measure_model(
     the fastest workflow path is reported.
     """
     (name,) = _load([spec_path])
-    runs = [_spawn(data, spec_path, ",".join(PATHS), images, rounds, threads, precision)[0] for _ in range(processes)]
+    runs = [
+        _spawn(data, spec_path, ",".join(PATHS), images, rounds, threads, precision, peak_seconds)[0]
+        for _ in range(processes)
+    ]
     got = max(runs, key=lambda run: run["workflow"]["train img/s"])
     row = {
         "model": name,
@@ -313,7 +345,8 @@ def concurrency(
         threads = max(1, cores // jobs)  # what `snakemake --cores {cores}` gives each of `jobs` jobs
         start = time.perf_counter()
         results = [
-            r["workflow"] for r in _spawn(data, spec_path, "workflow", images, rounds, threads, precision, jobs=jobs)
+            r["workflow"]  # img/s only: no peaks measured (0 s)
+            for r in _spawn(data, spec_path, "workflow", images, rounds, threads, precision, 0, jobs=jobs)
         ]
         per_job = [r["train img/s"] for r in results]
         rows.append(
@@ -333,13 +366,15 @@ def concurrency(
 ANSWER = "@@ "  # a worker's answers start with this; Keras or a backend may print other lines
 
 
-def backend_worker(data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str) -> None:
+def backend_worker(
+    data: str, spec_path: str, images: int, rounds: int, threads: int, precision: str, peak_seconds: float
+) -> None:
     """``--worker``: the training job's path on the backend KERAS_BACKEND names, in a process of its
     own (Keras fixes its backend per process), driven over stdin. One ``fit`` of 1 + ``rounds`` epochs
     (one fit, as a job runs one per phase: on JAX a second fit of a model with a weight average
     fails, docs/speed.md): after the untimed first epoch it answers its settings, then waits for
     ``epoch`` before each timed epoch and answers its img/s; then ``peak`` measures the bfloat16 and
-    float32 matmul peaks. Each answer is one JSON line."""
+    float32 matmul peaks, each for ``peak_seconds``. Each answer is one JSON line."""
     import os
 
     runtime.select_backend(os.environ.get("KERAS_BACKEND", "tensorflow"))
@@ -385,7 +420,7 @@ def backend_worker(data: str, spec_path: str, images: int, rounds: int, threads:
     batches = datasets.training_batches(x, y, batch, seed=0, epochs=1 + rounds)
     model.fit(batches, steps_per_epoch=steps, epochs=1 + rounds, callbacks=[Turns()], shuffle=False, verbose=0)
     if sys.stdin.readline().strip() == "peak":
-        answer(**{dtype: flops.matmul_peak(dtype) for dtype in ("bfloat16", "float32")})
+        answer(**_peaks(peak_seconds))
 
 
 class Worker:
@@ -435,6 +470,7 @@ def compare_backends(
     rounds: int,
     threads: int,
     precision: str,
+    peak_seconds: float,
     scratch: Path,
 ) -> list[dict]:
     """The training job's path of one entry on each backend, in one worker process per backend, started
@@ -442,7 +478,7 @@ def compare_backends(
     times (so a slow spell of this machine falls on every backend alike); then each measures its
     matmul peaks. One row per backend: median img/s and the fraction of the machine's bfloat16 peak
     (the higher of the backends' measured bfloat16 peaks)."""
-    args = _measure_args(data, spec_path, images, rounds, threads, precision)
+    args = _measure_args(data, spec_path, images, rounds, threads, precision, peak_seconds)
     (name,) = _load([spec_path])
     workers = [Worker(backend, args, scratch / f"{name}-{backend}.log") for backend in backends]
     try:
@@ -498,12 +534,13 @@ def main(
     measure: str | None = None,
     sections: list[Section] = ("paths", "concurrency"),
     backends: list[runtime.Backend] = runtime.BACKENDS,
+    peak_seconds: float = 3.0,
     worker: bool = False,
 ) -> dict:
     if worker:  # one backend's worker process (see compare_backends)
-        return backend_worker(data, specs[0], images, rounds, threads, precision)
+        return backend_worker(data, specs[0], images, rounds, threads, precision, peak_seconds)
     if measure:  # one measurement, in its own process (see _spawn)
-        result = measure_paths(data, specs[0], measure.split(","), images, rounds, threads, precision)
+        result = measure_paths(data, specs[0], measure.split(","), images, rounds, threads, precision, peak_seconds)
         print(json.dumps(result), flush=True)
         return result
     if not out:
@@ -517,7 +554,9 @@ def main(
         raise JobError(f"unknown benchmark section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     results, text = {}, [_header(images, threads, rounds)]
     if "paths" in sections:
-        results["models"] = [measure_model(data, path, images, rounds, threads, precision, processes) for path in specs]
+        results["models"] = [
+            measure_model(data, path, images, rounds, threads, precision, processes, peak_seconds) for path in specs
+        ]
         text += _paths_section(results["models"], data, processes, rounds)
     if "concurrency" in sections:
         results["concurrency"] = concurrency(
@@ -531,7 +570,7 @@ def main(
         with tempfile.TemporaryDirectory() as scratch:
             for path in specs:
                 results["backends"] += compare_backends(
-                    data, path, backends, images, rounds, threads, precision, Path(scratch)
+                    data, path, backends, images, rounds, threads, precision, peak_seconds, Path(scratch)
                 )
         text += _backends_section(results["backends"], images, rounds)
     with atomic_path(out) as tmp:
@@ -650,6 +689,7 @@ HELP = {
     "processes": "fresh processes per path (best kept)",
     "sections": "what to measure: the three training paths (and the peak), concurrent jobs, backends side by side",
     "backends": "the Keras backends the backends section compares",
+    "peak_seconds": "how long each matmul peak (bfloat16, float32) is measured, in each process that reports one",
     "measure": cli.HIDDEN,  # internal: comma-separated paths, one process (see _spawn)
     "worker": cli.HIDDEN,  # internal: one backend's worker (see compare_backends)
 }
