@@ -211,8 +211,9 @@ def sweep_run(tmp_path_factory, tiny_prepared):
 # tests leave idle (one-thread jobs, waits for a scheduler, Snakemake's start-up) instead of holding
 # the session up at their turn. What is needed sooner runs at a higher priority: the equivalence
 # runs (nice 5: test_equivalence, the fifth file), the tiny runs (nice 10: test_protocols,
-# test_report), the resume matrix (nice 15: test_resume), then the full-data verify runs (nice 19:
-# the last file, one-thread jobs for minutes). CPU priority changes no number (threads are pinned).
+# test_report), the resume matrix (nice 15: test_resume), then the full-data verify runs (nice 18
+# and 19: one-thread jobs for minutes; the tests waiting for them run last, after every other test,
+# which runs beside them). CPU priority changes no number (threads are pinned).
 EARLY: dict = {}  # fixture name -> (function(tmp_path_factory, started) giving its value, needs)
 
 
@@ -227,6 +228,12 @@ def early(name: str, needs: tuple[str, ...] = ()):
         return function
 
     return register
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests marked ``last`` run after all the others, in their order (they wait for the longest
+    early work: the tests before them run beside it instead of after it)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 @pytest.fixture(scope="session", autouse=True)
