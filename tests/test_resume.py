@@ -286,6 +286,11 @@ def test_a_killed_job_resumes_bit_identically(kind, point, epoch, matrix, tiny_d
     reference_info = json.loads(Path(reference["info_out"]).read_text())
     if kind == "early stopping":
         assert reference_info["stopped_early"], "the reference run must stop early for this case to mean anything"
+    if kind == "two-phase":  # two-phase fine-tuning itself: phase 2 trains the whole VGG16 at its own rate
+        history = pd.read_csv(reference["history_out"])
+        assert history["epoch"].tolist() == [1, 2, 3, 4] and history["phase"].tolist() == [1, 1, 2, 2]
+        assert history["learning_rate"].tolist() == pytest.approx([1e-3, 1e-3, 1e-5, 1e-5])
+        assert reference_info["epochs_requested"] == 4 and reference_info["trainable_params"] > 14_000_000
     assert_identical(tiny_data, reference, outs, json.loads(spec_file.read_text()).get("tta", "none"))
 
 

@@ -1,4 +1,5 @@
-"""Transfer learning: backbone builders, weight files, fetching ahead, two-phase fine-tuning.
+"""Transfer learning: backbone builders, weight files, fetching ahead (two-phase fine-tuning: its
+run is the resume matrix's two-phase reference, tests/test_resume.py).
 
 ImageNet weights cannot be downloaded where these tests run: backbones use random weights
 or weight files the tests write themselves.
@@ -14,7 +15,6 @@ import urllib.request
 import fetch_weights
 import keras
 import numpy as np
-import pandas as pd
 import pytest
 import train
 
@@ -201,14 +201,5 @@ def test_training_uses_the_cached_file_and_refuses_a_corrupt_one(fake_keras_file
         train.main(str(tiny_data), spec, **outs, state_dir=str(tmp_path / "s"), weights_manifest=str(manifest))
 
 
-def test_two_phase_fine_tuning(tiny_data, ladder_specs, tmp_path):
-    spec = _spec(ladder_specs, "model_13", fine_tune={"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5})
-    spec.update(epochs=1, batch_size=64)
-    outs = {
-        k: str(tmp_path / f) for k, f in (("model_out", "m.keras"), ("history_out", "h.csv"), ("info_out", "i.json"))
-    }
-    info = train.main(str(tiny_data), spec, **outs, state_dir=str(tmp_path / "s"))
-    history = pd.read_csv(outs["history_out"])
-    assert history["epoch"].tolist() == [1, 2, 3] and history["phase"].tolist() == [1, 2, 2]
-    assert history["learning_rate"].tolist() == pytest.approx([1e-3, 1e-5, 1e-5])
-    assert info["epochs_requested"] == 3 and info["trainable_params"] > 14_000_000  # the whole VGG16 trains
+# Two-phase fine-tuning (phase 2 unfreezes the backbone and trains it at its own learning rate) is
+# checked on the resume matrix's two-phase reference run, which is such a run (tests/test_resume.py).
