@@ -39,7 +39,7 @@ CI_SELECTION = {"model_09_seed0": 19, "model_17_seed0": 18}
 
 
 def verify(work, published, runs, epochs, check=True, *extra, on_other_machine="retrain", nice=19):
-    """`snakemake verify_published` at nice 19 (it starts early: conftest.early)."""
+    """`snakemake verify_published` at CPU priority ``nice`` (it starts early: conftest.early)."""
     config = (
         f"verify={{published: {published}, runs: [{', '.join(runs)}], epochs: {epochs}, "
         f"on_other_machine: {on_other_machine}}}"
