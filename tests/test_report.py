@@ -19,7 +19,7 @@ import yaml
 from cnnstudy import models as _registers_custom_layers  # noqa: F401
 from cnnstudy.errors import JobError
 
-from conftest import SCRIPTS, TINY, TWO_AT_ONCE, snakemake
+from conftest import SCRIPTS, TINY, TWO_AT_ONCE, missing, snakemake
 from daemons import apt_update
 from test_workflow_static import _jobs
 
@@ -32,7 +32,7 @@ def chromium() -> str:
     if path:
         return path
     if os.geteuid() != 0:
-        pytest.fail("headless Chromium is needed: apt-get install chromium")
+        missing("headless Chromium is needed: apt-get install chromium (or run as root: the test installs it)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt_update(env)
     subprocess.run(
