@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,18 @@ SWEEP_POINTS = ["model_01__learning_rate-0.02", "model_01__learning_rate-0.005"]
 
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Work started early (see ``early``) runs at a lower CPU priority beside the other tests: how long it
+# takes depends on them and on the day's machine speed (up to 2x), so a fixed time limit on it is a
+# timed test (one of 1200 s killed the tiny run in CI on a slow day). Its limit is the session's
+# end instead, 75 minutes after pytest starts, inside CI's own limit of 90 minutes (the install
+# included), which would end the session without a word: a hang still fails, and says so.
+SESSION_END = time.monotonic() + 75 * 60
+
+
+def until_session_end() -> float:
+    """The time limit, in seconds, of a step of work started early: what is left of the session."""
+    return max(SESSION_END - time.monotonic(), 60.0)
 
 
 def missing(what: str) -> None:
@@ -321,6 +334,7 @@ def _full_data(tmp_path_factory, started) -> Path:
         "2",
         "--config",
         f"data_source={require_mirror()}",
+        timeout=until_session_end(),
         nice=19,
     )
     return work
@@ -343,7 +357,9 @@ def _tiny_run(tmp_path_factory, started) -> dict:
 
     work = copy_workdir(started["tiny_prepared"].result(), tmp_path_factory.mktemp("tiny_run"))
     config = ["--config", f"data_source={require_mirror()}"]
-    proc = snakemake("--directory", str(work), "--configfile", TINY, *config, *TWO_AT_ONCE, nice=10)
+    proc = snakemake(
+        "--directory", str(work), "--configfile", TINY, *config, *TWO_AT_ONCE, timeout=until_session_end(), nice=10
+    )
     with open(REPO / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     models = configuration.load(copy.deepcopy(cfg))

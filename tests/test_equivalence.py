@@ -18,7 +18,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from conftest import REPO, early, entry_with, load_ladder, missing, side_by_side, train_cli
+from conftest import REPO, early, entry_with, load_ladder, missing, side_by_side, train_cli, until_session_end
 
 REFERENCE = "5720dab6827194fc4c0e9908a95f1c695a8d2ef4"
 TIMING = ["epoch_time", "images_per_s"]
@@ -60,7 +60,7 @@ def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
             for name, scripts in sides.items()
         },
         root / "train-logs",
-        timeout=1800,
+        timeout=until_session_end(),
     )
     side_by_side(
         {
@@ -90,7 +90,7 @@ def _train_and_evaluate(sides: dict, data, spec, root, tta) -> dict:
             for name, scripts in sides.items()
         },
         root / "evaluate-logs",
-        timeout=1800,
+        timeout=until_session_end(),
     )
     results = {}
     for name in sides:

@@ -13,7 +13,7 @@ import yaml
 
 from cnnstudy import configuration, protocols
 
-from conftest import REPO, TINY, TWO_AT_ONCE, copy_workdir, early, require_mirror, snakemake
+from conftest import REPO, TINY, TWO_AT_ONCE, copy_workdir, early, require_mirror, snakemake, until_session_end
 from test_workflow_static import _jobs
 
 HOLDOUT, REFERENCE = "model_06", "model_05"  # model_06 early-stops; model_05 is its Table 4 step
@@ -114,7 +114,7 @@ def _protocols_run(tmp_path_factory, started) -> tuple[Path, list[str]]:
     extra = work / "protocols.yaml"
     extra.write_text(yaml.safe_dump(PROTOCOLS_RUN))
     args = ["--directory", str(work), "--configfile", TINY, str(extra), "--config", f"data_source={require_mirror()}"]
-    snakemake(*args, *TWO_AT_ONCE, nice=10)
+    snakemake(*args, *TWO_AT_ONCE, timeout=until_session_end(), nice=10)
     return work, args
 
 

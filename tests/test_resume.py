@@ -25,7 +25,16 @@ import train
 
 from cnnstudy import checkpoint, predict, training
 
-from conftest import early, entry_with, load_ladder, saved_epoch, train_cli, two_at_a_time, wait_for_epoch
+from conftest import (
+    early,
+    entry_with,
+    load_ladder,
+    saved_epoch,
+    train_cli,
+    two_at_a_time,
+    until_session_end,
+    wait_for_epoch,
+)
 
 # ---- the state directory ------------------------------------------------------------------
 
@@ -157,9 +166,8 @@ def _outs(root: Path) -> dict:
 
 
 # The matrix runs as early work (conftest.early), beside the tests before this file: at a lower CPU
-# priority, and with time limits that allow for it.
+# priority, and with the time limit of such work (conftest.until_session_end).
 NICE = ("nice", "-n", "15")
-TIMEOUT = 1800
 
 
 def _cli(data, spec_file, outs) -> list[str]:
@@ -168,7 +176,7 @@ def _cli(data, spec_file, outs) -> list[str]:
 
 def _train(data, spec_file, outs) -> str:
     """One uninterrupted training process (one thread); its log."""
-    proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=until_session_end())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 
@@ -181,13 +189,13 @@ def _kill_and_rerun(data, spec_file, outs, point: str, epoch: int | None) -> str
         # moved into place (a folder stands at its path), which leaves the state exactly as
         # such a kill would.
         Path(outs["model_out"]).mkdir()
-        proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=TIMEOUT)
+        proc = subprocess.run(_cli(data, spec_file, outs), capture_output=True, text=True, timeout=until_session_end())
         assert proc.returncode != 0 and saved_epoch(Path(outs["state_dir"])) > 0, proc.stderr[-2000:]
         Path(outs["model_out"]).rmdir()
     else:
         with open(Path(outs["state_dir"]).parent / "killed.log", "w") as log:
             proc = subprocess.Popen(_cli(data, spec_file, outs), stdout=log, stderr=subprocess.STDOUT)
-        wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=TIMEOUT)
+        wait_for_epoch(Path(outs["state_dir"]), epoch, proc, timeout=until_session_end())
         assert proc.poll() is None, (
             f"the job ended (exit {proc.returncode}) before its kill after checkpoint {epoch}: kill earlier"
         )

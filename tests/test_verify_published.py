@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, early, require_mirror, snakemake, two_at_a_time
+from conftest import REPO, early, require_mirror, snakemake, two_at_a_time, until_session_end
 
 pytestmark = pytest.mark.last
 
@@ -56,7 +56,7 @@ def verify(work, published, runs, epochs, check=True, *extra, on_other_machine="
         f"data_source={require_mirror()}",
         config,
         check=check,
-        timeout=2400,
+        timeout=until_session_end(),
         nice=nice,
     )
 

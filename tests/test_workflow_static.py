@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from conftest import BIN, REPO, early, pins, snakemake
+from conftest import BIN, REPO, early, pins, snakemake, until_session_end
 
 
 def _jobs(dry_run_output: str) -> dict[str, int]:
@@ -313,7 +313,7 @@ def _gpu_resolutions(tmp_path_factory, started) -> dict:
             + ["--report", str(report), "-r", str(REPO / name)],
             capture_output=True,
             text=True,
-            timeout=1200,
+            timeout=until_session_end(),
         )
         installs = json.loads(report.read_text())["install"] if report.is_file() else []
         resolved[name] = proc, {i["metadata"]["name"]: i["metadata"]["version"] for i in installs}
