@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -364,6 +365,56 @@ def _tiny_run(tmp_path_factory, started) -> dict:
         cfg = yaml.safe_load(fh)
     models = configuration.load(copy.deepcopy(cfg))
     return {"work": work, "config": config, "cfg": cfg, "models": models, "log": proc.stdout + proc.stderr}
+
+
+# Two entries as the current code trains them on tiny_data (seed 1, one thread each), shared by
+# three files: test_equivalence.py (its current-code side), the resume matrix (its uninterrupted
+# references, test_resume.py) and model_17's TTA test (test_speed.py). Kind -> (entry, changes).
+SHARED_RUNS = {
+    # Reshuffles and an early stop (patience 1: it stopped after epoch 3 on an Intel Xeon, later
+    # on an AMD EPYC; the matrix kills it after checkpoint 2).
+    "early stopping": (
+        "model_06",
+        {"epochs": 8, "batch_size": 64, "early_stopping": {"patience": 1, "min_delta": 0.02}},
+    ),
+    # A schedule, weight EMA (momentum 0.5: over 3 epochs of 4 steps, 0.9 would stay near the
+    # initial weights), TTA and the test accuracy after each epoch.
+    "EMA + schedule": (
+        "model_17",
+        {"epochs": 3, "batch_size": 100, "time_to_accuracy": True, "optimizer": {"ema_momentum": 0.5}},
+    ),
+}
+
+
+@early("shared_runs", needs=("tiny_data",))
+def _shared_runs(tmp_path_factory, started) -> dict:
+    ladder = load_ladder()
+    data = started["tiny_data"].result()
+    root = tmp_path_factory.mktemp("shared_runs")
+    runs = {}
+    for kind, (name, changes) in SHARED_RUNS.items():
+        out = root / kind.replace(" ", "_").replace("+", "and")
+        out.mkdir()
+        spec = entry_with(ladder, name, **changes)
+        (out / "spec.json").write_text(json.dumps(spec))
+        runs[kind] = spec, out
+    # At nice 5, the highest of the early work's: test_equivalence.py, the fifth file, reads them.
+    side_by_side(
+        {
+            kind: ["nice", "-n", "5", *train_cli(data, out / "spec.json", out, seed=1)]
+            for kind, (_, out) in runs.items()
+        },
+        root / "logs",
+        timeout=until_session_end(),
+    )
+    return runs
+
+
+@pytest.fixture(scope="session")
+def shared_runs(started_early) -> dict:
+    """Kind of SHARED_RUNS -> (its training spec, the folder of its outputs: model.keras,
+    history.csv, train_info.json, spec.json), trained with seed 1 (made early)."""
+    return started_early["shared_runs"].result()
 
 
 @pytest.fixture(scope="session")

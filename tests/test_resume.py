@@ -26,6 +26,7 @@ import train
 from cnnstudy import checkpoint, predict, training
 
 from conftest import (
+    SHARED_RUNS,
     early,
     entry_with,
     load_ladder,
@@ -137,11 +138,10 @@ def test_evaluated_weights_swap_in_the_average_and_restore_exactly():
 
 
 def _kinds(ladder_specs):
+    """Each kind of entry's spec: "early stopping" and "EMA + schedule" are conftest.SHARED_RUNS,
+    whose uninterrupted runs are trained once for three files."""
     return {
         "plain": entry_with(ladder_specs, "model_03", epochs=4, batch_size=64),
-        "early stopping": entry_with(
-            ladder_specs, "model_06", epochs=8, batch_size=64, early_stopping={"patience": 1, "min_delta": 0.02}
-        ),
         "two-phase": entry_with(
             ladder_specs,
             "model_13",
@@ -149,9 +149,7 @@ def _kinds(ladder_specs):
             batch_size=64,
             backbone={"weights": "none", "fine_tune": {"unfreeze": "all", "epochs": 2, "learning_rate": 1e-5}},
         ),
-        "EMA + schedule": entry_with(
-            ladder_specs, "model_17", epochs=3, batch_size=100, time_to_accuracy=True, optimizer={"ema_momentum": 0.5}
-        ),
+        **{kind: entry_with(ladder_specs, name, **changes) for kind, (name, changes) in SHARED_RUNS.items()},
     }
 
 
@@ -209,8 +207,9 @@ def _kill_and_rerun(data, spec_file, outs, point: str, epoch: int | None) -> str
     return _train(data, spec_file, outs)
 
 
-def _evaluate(data, outs, tta) -> dict:
-    root = Path(outs["model_out"]).parent
+def _evaluate(data, outs, tta, root: Path) -> dict:
+    """The run's val and test metrics, evaluate.py's files written into ``root``."""
+    root.mkdir(exist_ok=True)
     metrics = evaluate.main(
         str(data),
         str(data.with_suffix(".json")),
@@ -237,8 +236,11 @@ def assert_identical(data, reference: dict, resumed: dict, tta: str) -> None:
     assert len(weights[0]) == len(weights[1])
     assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True)), "saved weights differ"
     if reference["model_out"] not in _REFERENCE_METRICS:
-        _REFERENCE_METRICS[reference["model_out"]] = _evaluate(data, reference, tta)
-    assert _evaluate(data, resumed, tta) == _REFERENCE_METRICS[reference["model_out"]]
+        evaluated = Path(resumed["model_out"]).parent / "reference-evaluated"
+        _REFERENCE_METRICS[reference["model_out"]] = _evaluate(data, reference, tta, evaluated)
+    assert (
+        _evaluate(data, resumed, tta, Path(resumed["model_out"]).parent) == _REFERENCE_METRICS[reference["model_out"]]
+    )
     assert not Path(resumed["state_dir"]).exists()
 
 
@@ -255,7 +257,7 @@ MATRIX = [
 ]
 
 
-@early("matrix", needs=("tiny_data",))
+@early("matrix", needs=("tiny_data", "shared_runs"))
 def _matrix(tmp_path_factory, started) -> dict:
     """Each kind of entry trained once uninterrupted (the reference), and every case of the matrix
     killed and rerun: one-thread processes, two tasks at a time, begun as the session starts.
@@ -267,12 +269,25 @@ def _matrix(tmp_path_factory, started) -> dict:
     for kind, spec in _kinds(ladder_specs).items():
         spec_file = root / f"{kind}.json"
         spec_file.write_text(json.dumps(spec))
-        runs[kind] = spec_file, _outs(root / kind.replace(" ", "_"))
-        tasks[kind] = functools.partial(_train, tiny_data, *runs[kind])
+        runs[kind] = spec_file, None if kind in SHARED_RUNS else _outs(root / kind.replace(" ", "_"))
+        if kind not in SHARED_RUNS:
+            tasks[kind] = functools.partial(_train, tiny_data, *runs[kind])
     for i, (kind, point, epoch) in enumerate(MATRIX):
         runs[kind, point] = runs[kind][0], _outs(root / f"case_{i}")
         tasks[kind, point] = functools.partial(_kill_and_rerun, tiny_data, *runs[kind, point], point, epoch)
     futures = two_at_a_time(tasks)
+    for kind, (spec, out) in started["shared_runs"].result().items():  # the references trained once
+        assert json.loads(runs[kind][0].read_text()) == spec
+        outs = {
+            "model_out": "model.keras",
+            "history_out": "history.csv",
+            "info_out": "train_info.json",
+            "state_dir": "state",
+        }
+        runs[kind], futures[kind] = (
+            (runs[kind][0], {k: str(out / name) for k, name in outs.items()}),
+            started["shared_runs"],
+        )
     return {key: (*run, futures[key]) for key, run in runs.items()}
 
 

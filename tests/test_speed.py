@@ -194,15 +194,15 @@ def test_translated_tta_views_move_the_image_one_pixel():
     assert np.array_equal(predict._shift(x, -1, -1)[:, :-1, :-1], x[:, 1:, 1:])
 
 
-def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, ladder_specs, tmp_path):
-    spec = copy.deepcopy(ladder_specs["model_17"])
-    # 8 steps: an EMA of momentum 0.9 would still be near the initial weights; 0.5 follows training.
-    spec.update(epochs=2, batch_size=100)
-    spec["optimizer"] = {**spec["optimizer"], "ema_momentum": 0.5}
-    out = _outputs(tmp_path)
-    info = train.main(str(tiny_data), spec, **out, state_dir=str(tmp_path / "state"), threads=2)
+def test_model_17_trains_and_tta_changes_the_predictions(tiny_data, shared_runs, tmp_path):
+    # model_17 as the training job trains it, 3 epochs with EMA (conftest.SHARED_RUNS, shared with
+    # the resume matrix and test_equivalence.py).
+    _, folder = shared_runs["EMA + schedule"]
+    out = {"model_out": str(folder / "model.keras"), "history_out": str(folder / "history.csv")}
+    out["info_out"] = str(folder / "train_info.json")
+    info = json.loads((folder / "train_info.json").read_text())
     history = pd.read_csv(out["history_out"])
-    assert history["epoch"].tolist() == [1, 2] and history["test_accuracy"].between(0, 1).all()
+    assert history["epoch"].tolist() == [1, 2, 3] and history["test_accuracy"].between(0, 1).all()
     assert info["jit_compile"] is False  # auto on CPU
 
     model = keras.saving.load_model(out["model_out"])  # PatchWhitening round-trips with its filters
