@@ -223,11 +223,12 @@ def sweep_run(tmp_path_factory, tiny_prepared):
 # Runs that need nothing but the data and whose results tests only read begin as the session
 # starts, in threads, their processes at a lower CPU priority: they run on the core time the other
 # tests leave idle (one-thread jobs, waits for a scheduler, Snakemake's start-up) instead of holding
-# the session up at their turn. What is needed sooner runs at a higher priority: the equivalence
-# runs (nice 5: test_equivalence, the fifth file), the tiny runs (nice 10: test_protocols,
-# test_report), the resume matrix (nice 15: test_resume), then the full-data verify runs (nice 18
-# and 19: one-thread jobs for minutes; the tests waiting for them run last, after every other test,
-# which runs beside them). CPU priority changes no number (threads are pinned).
+# the session up at their turn. What is needed sooner runs at a higher priority: the small data
+# and the full-data npz (full priority: seconds of work that others start from), the shared and
+# equivalence runs (nice 5: test_equivalence, the fifth file), the tiny runs (nice 10:
+# test_protocols, test_report), the resume matrix (nice 15: test_resume), then the full-data verify
+# runs (nice 17 to 19: one-thread jobs for minutes; the tests waiting for them run last, after every
+# other test, which runs beside them). CPU priority changes no number (threads are pinned).
 EARLY: dict = {}  # fixture name -> (function(tmp_path_factory, started) giving its value, needs)
 
 
