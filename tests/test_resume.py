@@ -259,8 +259,9 @@ MATRIX = [
 
 @early("matrix", needs=("tiny_data", "shared_runs"))
 def _matrix(tmp_path_factory, started) -> dict:
-    """Each kind of entry trained once uninterrupted (the reference), and every case of the matrix
-    killed and rerun: one-thread processes, two tasks at a time, begun as the session starts.
+    """Each kind of entry trained once uninterrupted (the reference; for the kinds of
+    conftest.SHARED_RUNS, the shared runs), and every case of the matrix killed and rerun:
+    one-thread processes, two tasks at a time, begun as the session starts.
     Key -> (spec file, outputs, Future)."""
     ladder_specs = load_ladder()
     tiny_data = started["tiny_data"].result()
@@ -276,18 +277,16 @@ def _matrix(tmp_path_factory, started) -> dict:
         runs[kind, point] = runs[kind][0], _outs(root / f"case_{i}")
         tasks[kind, point] = functools.partial(_kill_and_rerun, tiny_data, *runs[kind, point], point, epoch)
     futures = two_at_a_time(tasks)
-    for kind, (spec, out) in started["shared_runs"].result().items():  # the references trained once
+    names = {
+        "model_out": "model.keras",
+        "history_out": "history.csv",
+        "info_out": "train_info.json",
+        "state_dir": "state",
+    }
+    for kind, (spec, out) in started["shared_runs"].result().items():  # their references, trained once
         assert json.loads(runs[kind][0].read_text()) == spec
-        outs = {
-            "model_out": "model.keras",
-            "history_out": "history.csv",
-            "info_out": "train_info.json",
-            "state_dir": "state",
-        }
-        runs[kind], futures[kind] = (
-            (runs[kind][0], {k: str(out / name) for k, name in outs.items()}),
-            started["shared_runs"],
-        )
+        runs[kind] = runs[kind][0], {key: str(out / name) for key, name in names.items()}
+        futures[kind] = started["shared_runs"]
     return {key: (*run, futures[key]) for key, run in runs.items()}
 
 
